@@ -1,0 +1,164 @@
+// Command nftproxy is the node agent of nftproxy, a Kubernetes service proxy
+// that programs nftables maps and verdict maps over netlink.
+//
+//	nftproxy [flags]   run the agent (the default)
+//	nftproxy version   print the version and exit
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+	"github.com/nftproxy/nftproxy/controllers"
+	"github.com/nftproxy/nftproxy/internal/version"
+)
+
+// options are the agent's command-line settings. Everything a cluster admin
+// tunes at run time lives in the ProxyConfig instead.
+type options struct {
+	nodeName           string
+	configName         string
+	metricsAddress     string
+	healthProbeAddress string
+	printVersion       bool
+	zap                zap.Options
+}
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "nftproxy:", err)
+		os.Exit(1)
+	}
+}
+
+// run dispatches to a subcommand; with none it runs the agent until SIGTERM
+// or SIGINT.
+func run(args []string, stdout io.Writer) error {
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		switch args[0] {
+		case "version":
+			_, err := fmt.Fprintln(stdout, version.String())
+			return err
+		default:
+			return fmt.Errorf("unknown command %q (commands: version; run with no command to start the agent)", args[0])
+		}
+	}
+	opts, err := parseFlags(args)
+	if err != nil {
+		return err
+	}
+	if opts.printVersion {
+		_, err := fmt.Fprintln(stdout, version.String())
+		return err
+	}
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&opts.zap)))
+	return runAgent(ctrl.SetupSignalHandler(), opts)
+}
+
+// parseFlags reads the agent's flags. --kubeconfig is registered on the
+// standard flag set by controller-runtime and read by ctrl.GetConfig.
+func parseFlags(args []string) (options, error) {
+	var opts options
+	fs := flag.CommandLine
+	fs.StringVar(&opts.nodeName, "node-name", defaultNodeName(),
+		"Name of the Node this agent programs (default: $NODE_NAME, then the hostname).")
+	fs.StringVar(&opts.configName, "config-name", "default",
+		"Name of the cluster-scoped ProxyConfig this agent follows; defaults apply while it does not exist.")
+	fs.StringVar(&opts.metricsAddress, "metrics-bind-address", "127.0.0.1:10249",
+		"Address of the Prometheus metrics endpoint; \"0\" turns it off.")
+	fs.StringVar(&opts.healthProbeAddress, "health-probe-bind-address", ":10256",
+		"Address of the /healthz and /readyz endpoints; \"0\" turns them off.")
+	fs.BoolVar(&opts.printVersion, "version", false, "Print the version and exit.")
+	opts.zap.BindFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return opts, err
+	}
+	if fs.NArg() > 0 {
+		return opts, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if opts.nodeName == "" {
+		return opts, errors.New("--node-name is empty and neither $NODE_NAME nor the hostname gives one")
+	}
+	if opts.configName == "" {
+		return opts, errors.New("--config-name must not be empty")
+	}
+	return opts, nil
+}
+
+func defaultNodeName() string {
+	if name := os.Getenv("NODE_NAME"); name != "" {
+		return name
+	}
+	name, _ := os.Hostname()
+	return strings.ToLower(name)
+}
+
+// runAgent starts the manager and blocks until ctx ends. The node's rules
+// stay in the kernel when it returns, so a restart does not cut traffic.
+func runAgent(ctx context.Context, opts options) error {
+	logger := ctrl.Log.WithName("setup")
+	logger.Info("Starting nftproxy", "version", version.String(), "node", opts.nodeName, "proxyConfig", opts.configName)
+
+	restConfig, err := ctrl.GetConfig()
+	if err != nil {
+		return fmt.Errorf("loading kubeconfig: %w", err)
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+	if err := proxyv1alpha1.AddToScheme(scheme); err != nil {
+		return err
+	}
+
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metricsserver.Options{BindAddress: opts.metricsAddress},
+		HealthProbeBindAddress: opts.healthProbeAddress,
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			// Watch only this agent's ProxyConfig, not every node group's.
+			&proxyv1alpha1.ProxyConfig{}: {Field: fields.OneTermEqualSelector("metadata.name", opts.configName)},
+		}},
+	})
+	if err != nil {
+		return fmt.Errorf("creating manager: %w", err)
+	}
+
+	configs := &controllers.ConfigStore{}
+	if err := (&controllers.ConfigReconciler{
+		Reader: mgr.GetClient(),
+		Name:   opts.configName,
+		Store:  configs,
+	}).SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up the ProxyConfig controller: %w", err)
+	}
+
+	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+		return err
+	}
+	if err := mgr.AddReadyzCheck("proxyconfig", configs.ReadyCheck); err != nil {
+		return err
+	}
+
+	if err := mgr.Start(ctx); err != nil {
+		return fmt.Errorf("running manager: %w", err)
+	}
+	logger.Info("Stopped; the node's rules stay in place")
+	return nil
+}

@@ -58,7 +58,7 @@ type LocalTrafficDetection struct {
 // ProxyConfigSpec holds every knob of a node's proxy. Each field has a
 // default, so an empty spec (or no ProxyConfig at all) is a working setup.
 //
-// +kubebuilder:validation:XValidation:rule="!has(self.minSyncInterval) || !has(self.syncInterval) || duration(self.minSyncInterval) <= duration(self.syncInterval)",message="minSyncInterval must not be longer than syncInterval",fieldPath=".minSyncInterval"
+// +kubebuilder:validation:XValidation:rule="!has(self.minSyncInterval) || !has(self.syncInterval) || !self.minSyncInterval.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || !self.syncInterval.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || duration(self.minSyncInterval) <= duration(self.syncInterval)",message="minSyncInterval must not be longer than syncInterval",fieldPath=".minSyncInterval"
 type ProxyConfigSpec struct {
 	// ClusterCIDRs are the cluster's pod CIDRs: at most one IPv4 and one
 	// IPv6. With localTrafficDetection mode ClusterCIDR, traffic to a
@@ -114,8 +114,7 @@ type ProxyConfigSpec struct {
 	//
 	// +kubebuilder:default="1s"
 	// +kubebuilder:validation:Type=string
-	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
-	// +kubebuilder:validation:XValidation:rule="duration(self) <= duration('5m')",message="must be at most 5m"
+	// +kubebuilder:validation:XValidation:rule="self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) <= duration('5m')",message="must be a duration from 0s to 5m, such as 1s or 500ms"
 	// +optional
 	MinSyncInterval *metav1.Duration `json:"minSyncInterval,omitempty"`
 
@@ -126,8 +125,7 @@ type ProxyConfigSpec struct {
 	//
 	// +kubebuilder:default="30s"
 	// +kubebuilder:validation:Type=string
-	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
-	// +kubebuilder:validation:XValidation:rule="duration(self) >= duration('1s') && duration(self) <= duration('24h')",message="must be between 1s and 24h"
+	// +kubebuilder:validation:XValidation:rule="self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') && duration(self) >= duration('1s') && duration(self) <= duration('24h')",message="must be a duration from 1s to 24h, such as 30s or 5m"
 	// +optional
 	SyncInterval *metav1.Duration `json:"syncInterval,omitempty"`
 

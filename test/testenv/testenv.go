@@ -91,11 +91,15 @@ func Kustomize(t testing.TB, dir string) []*unstructured.Unstructured {
 	}
 	var objects []*unstructured.Unstructured
 	for _, r := range resources.Resources() {
-		m, err := r.Map()
+		raw, err := r.MarshalJSON()
 		if err != nil {
 			t.Fatalf("kustomize %s: %s: %v", dir, r.CurId(), err)
 		}
-		objects = append(objects, &unstructured.Unstructured{Object: m})
+		u := &unstructured.Unstructured{}
+		if err := u.UnmarshalJSON(raw); err != nil {
+			t.Fatalf("kustomize %s: %s: %v", dir, r.CurId(), err)
+		}
+		objects = append(objects, u)
 	}
 	return objects
 }

@@ -52,7 +52,8 @@ lint: $(GOLANGCI_LINT) ## Run golangci-lint.
 	$(GOLANGCI_LINT) run ./...
 
 .PHONY: verify
-verify: generate manifests ## Fail if generated code, manifests or formatting are not up to date.
+verify: generate manifests ## Fail if generated code, manifests, go.mod or formatting are not up to date.
+	@go mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy"; exit 1; }
 	@test -z "$$(gofmt -s -l $$(git ls-files '*.go'))" || { gofmt -s -l $$(git ls-files '*.go'); echo "gofmt: run make fmt"; exit 1; }
 	@git diff --exit-code -- api config || { echo "generated files are stale: run make generate manifests and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- api config)" || { git status --porcelain -- api config; echo "untracked generated files: commit them"; exit 1; }
@@ -72,8 +73,12 @@ build: ## Build the agent binary into bin/nftproxy.
 	CGO_ENABLED=0 go build -ldflags "$(LDFLAGS)" -o $(LOCALBIN)/nftproxy ./cmd/nftproxy
 
 .PHONY: run
-run: build ## Run the agent against the cluster of $KUBECONFIG (it writes this machine's nftables).
+run: build ## Run the agent against the cluster of $KUBECONFIG (ARGS='--node-name=...' adds flags).
 	$(LOCALBIN)/nftproxy $(ARGS)
+
+.PHONY: run-local
+run-local: build ## Run the agent against a throwaway local API server until Ctrl-C (no cluster needed).
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go run ./hack/run-local -- --health-probe-bind-address=127.0.0.1:10256 --zap-encoder=console $(ARGS)
 
 .PHONY: docker-build
 docker-build: ## Build the container image $(IMG) (needs Docker).

@@ -17,6 +17,8 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -32,6 +34,7 @@ import (
 // options are the agent's command-line settings. Everything a cluster admin
 // tunes at run time lives in the ProxyConfig instead.
 type options struct {
+	kubeconfig         string
 	nodeName           string
 	configName         string
 	metricsAddress     string
@@ -42,6 +45,9 @@ type options struct {
 
 func main() {
 	if err := run(os.Args[1:], os.Stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
 		fmt.Fprintln(os.Stderr, "nftproxy:", err)
 		os.Exit(1)
 	}
@@ -71,13 +77,14 @@ func run(args []string, stdout io.Writer) error {
 	return runAgent(ctrl.SetupSignalHandler(), opts)
 }
 
-// parseFlags reads the agent's flags. --kubeconfig is registered on the
-// standard flag set by controller-runtime and read by ctrl.GetConfig.
+// parseFlags reads the agent's flags.
 func parseFlags(args []string) (options, error) {
 	var opts options
-	fs := flag.CommandLine
+	fs := flag.NewFlagSet("nftproxy", flag.ContinueOnError)
+	fs.StringVar(&opts.kubeconfig, "kubeconfig", "",
+		"Path of a kubeconfig; without it, $KUBECONFIG, then the in-cluster ServiceAccount, then ~/.kube/config.")
 	fs.StringVar(&opts.nodeName, "node-name", defaultNodeName(),
-		"Name of the Node this agent programs (default: $NODE_NAME, then the hostname).")
+		"Name of the Node this agent programs; $NODE_NAME, else the hostname, by default.")
 	fs.StringVar(&opts.configName, "config-name", "default",
 		"Name of the cluster-scoped ProxyConfig this agent follows; defaults apply while it does not exist.")
 	fs.StringVar(&opts.metricsAddress, "metrics-bind-address", "127.0.0.1:10249",
@@ -109,13 +116,22 @@ func defaultNodeName() string {
 	return strings.ToLower(name)
 }
 
+// loadRESTConfig reads the kubeconfig at path, or finds one as kubectl and
+// in-cluster clients do when path is empty.
+func loadRESTConfig(path string) (*rest.Config, error) {
+	if path != "" {
+		return clientcmd.BuildConfigFromFlags("", path)
+	}
+	return ctrl.GetConfig()
+}
+
 // runAgent starts the manager and blocks until ctx ends. The node's rules
 // stay in the kernel when it returns, so a restart does not cut traffic.
 func runAgent(ctx context.Context, opts options) error {
 	logger := ctrl.Log.WithName("setup")
 	logger.Info("Starting nftproxy", "version", version.String(), "node", opts.nodeName, "proxyConfig", opts.configName)
 
-	restConfig, err := ctrl.GetConfig()
+	restConfig, err := loadRESTConfig(opts.kubeconfig)
 	if err != nil {
 		return fmt.Errorf("loading kubeconfig: %w", err)
 	}

@@ -176,7 +176,7 @@ func buildAgent(t *testing.T) string {
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if buildOnce.path != "" {
-		os.RemoveAll(filepath.Dir(buildOnce.path))
+		_ = os.RemoveAll(filepath.Dir(buildOnce.path))
 	}
 	os.Exit(code)
 }
@@ -268,8 +268,11 @@ func freeLoopbackAddress(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().String()
+	address := l.Addr().String()
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return address
 }
 
 func httpOK(url string) error {
@@ -278,8 +281,8 @@ func httpOK(url string) error {
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("%s: %s: %s", url, resp.Status, body)
 	}

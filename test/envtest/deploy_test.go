@@ -46,7 +46,7 @@ func TestKustomizeDefaultIsAccepted(t *testing.T) {
 		}
 	}
 	for _, o := range objects {
-		err := env.Client.Patch(ctx, o.DeepCopy(), client.Apply, client.DryRunAll,
+		err := env.Client.Apply(ctx, client.ApplyConfigurationFromUnstructured(o.DeepCopy()), client.DryRunAll,
 			client.FieldOwner("nftproxy-test"), client.ForceOwnership)
 		if err != nil {
 			t.Errorf("API server refuses %s %s: %v", o.GetKind(), o.GetName(), err)

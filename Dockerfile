@@ -1,0 +1,16 @@
+# The nftproxy agent: a static binary on a minimal base image. It runs as
+# root with only NET_ADMIN (see config/manager/daemonset.yaml): Kubernetes
+# gives no ambient capabilities to non-root processes.
+FROM golang:1.26 AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+ARG VERSION=dev
+RUN CGO_ENABLED=0 go build -trimpath \
+    -ldflags "-s -w -X github.com/nftproxy/nftproxy/internal/version.Version=${VERSION}" \
+    -o /out/nftproxy ./cmd/nftproxy
+
+FROM gcr.io/distroless/static-debian12
+COPY --from=build /out/nftproxy /nftproxy
+ENTRYPOINT ["/nftproxy"]

@@ -1,0 +1,133 @@
+// Command run-local runs the nftproxy agent against a throwaway local API
+// server, for a machine with no cluster: it starts kube-apiserver and etcd
+// from $KUBEBUILDER_ASSETS (`make run-local` builds them), installs the
+// ProxyConfig CRD and the sample ProxyConfig, writes an admin kubeconfig to
+// bin/local/kubeconfig and runs the agent until Ctrl-C, then removes it all.
+//
+//	go run ./hack/run-local [--agent bin/nftproxy] [-- agent flags...]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/yaml"
+
+	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+)
+
+func main() {
+	agent := flag.String("agent", "bin/nftproxy", "Path of the agent binary to run.")
+	flag.Parse()
+	if err := run(*agent, flag.Args()); err != nil {
+		fmt.Fprintln(os.Stderr, "run-local:", err)
+		os.Exit(1)
+	}
+}
+
+func run(agentPath string, agentArgs []string) error {
+	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
+		return errors.New("KUBEBUILDER_ASSETS is not set: use `make run-local`, which builds kube-apiserver and etcd")
+	}
+	scheme := runtime.NewScheme()
+	if err := proxyv1alpha1.AddToScheme(scheme); err != nil {
+		return err
+	}
+	env := &envtest.Environment{
+		CRDDirectoryPaths:     []string{filepath.Join("config", "crd", "bases")},
+		ErrorIfCRDPathMissing: true,
+		Scheme:                scheme,
+	}
+	if _, err := env.Start(); err != nil {
+		return fmt.Errorf("starting the local API server: %w", err)
+	}
+	defer func() {
+		if err := env.Stop(); err != nil {
+			fmt.Fprintln(os.Stderr, "run-local: stopping the local API server:", err)
+		}
+	}()
+
+	admin, err := env.AddUser(envtest.User{Name: "admin", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		return fmt.Errorf("creating an admin user: %w", err)
+	}
+	kubeconfig, err := admin.KubeConfig()
+	if err != nil {
+		return fmt.Errorf("writing the admin kubeconfig: %w", err)
+	}
+	kubeconfigPath, err := filepath.Abs(filepath.Join("bin", "local", "kubeconfig"))
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(kubeconfigPath), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(kubeconfigPath, kubeconfig, 0o600); err != nil {
+		return err
+	}
+	defer func() { _ = os.Remove(kubeconfigPath) }()
+
+	if err := createSample(admin.Config(), scheme); err != nil {
+		return err
+	}
+
+	fmt.Printf("Local API server up. Try, in another shell:\n"+
+		"  kubectl --kubeconfig %s get proxyconfigs\n"+
+		"  kubectl --kubeconfig %s edit proxyconfig default   # the agent logs the change\n"+
+		"Ctrl-C stops the agent and the API server.\n\n", kubeconfigPath, kubeconfigPath)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cmd := exec.Command(agentPath, append([]string{"--kubeconfig", kubeconfigPath}, agentArgs...)...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting the agent: %w", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		return fmt.Errorf("the agent exited: %w", err)
+	case <-ctx.Done():
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		return err
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		return errors.New("the agent did not stop within 30s of SIGTERM")
+	}
+}
+
+// createSample creates the sample ProxyConfig of config/samples.
+func createSample(cfg *rest.Config, scheme *runtime.Scheme) error {
+	raw, err := os.ReadFile(filepath.Join("config", "samples", "proxy_v1alpha1_proxyconfig.yaml"))
+	if err != nil {
+		return err
+	}
+	var sample proxyv1alpha1.ProxyConfig
+	if err := yaml.UnmarshalStrict(raw, &sample); err != nil {
+		return fmt.Errorf("reading the sample ProxyConfig: %w", err)
+	}
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return err
+	}
+	if err := c.Create(context.Background(), &sample); err != nil {
+		return fmt.Errorf("creating the sample ProxyConfig: %w", err)
+	}
+	return nil
+}

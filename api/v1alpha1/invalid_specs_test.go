@@ -32,5 +32,7 @@ var invalidSpecs = []struct {
 	{"minimum sync interval above sync interval", `{"minSyncInterval": "1m", "syncInterval": "30s"}`, "spec.minSyncInterval"},
 	{"unknown detection mode", `{"localTrafficDetection": {"mode": "Bridge"}}`, "spec.localTrafficDetection.mode"},
 	{"interface mode without prefix", `{"localTrafficDetection": {"mode": "InterfaceNamePrefix"}}`, "spec.localTrafficDetection.interfaceNamePrefix"},
+	{"interface prefix too long", `{"localTrafficDetection": {"mode": "InterfaceNamePrefix", "interfaceNamePrefix": "averyveryverylongname"}}`, "spec.localTrafficDetection.interfaceNamePrefix"},
+	{"interface prefix with a wildcard", `{"localTrafficDetection": {"mode": "InterfaceNamePrefix", "interfaceNamePrefix": "veth*"}}`, "spec.localTrafficDetection.interfaceNamePrefix"},
 	{"prefix without interface mode", `{"localTrafficDetection": {"mode": "NodeCIDR", "interfaceNamePrefix": "veth"}}`, "spec.localTrafficDetection.interfaceNamePrefix"},
 }

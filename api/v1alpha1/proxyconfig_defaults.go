@@ -2,6 +2,7 @@ package v1alpha1
 
 import (
 	"net/netip"
+	"regexp"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -85,13 +86,24 @@ func (s *ProxyConfigSpec) Validate() error {
 			errs = append(errs, field.NotSupported(path.Child("mode"), d.Mode, []LocalTrafficDetectionMode{
 				DetectLocalByClusterCIDR, DetectLocalByNodeCIDR, DetectLocalByInterfaceNamePrefix}))
 		}
+		prefix := path.Child("interfaceNamePrefix")
 		if (d.Mode == DetectLocalByInterfaceNamePrefix) != (d.InterfaceNamePrefix != "") {
-			errs = append(errs, field.Invalid(path.Child("interfaceNamePrefix"), d.InterfaceNamePrefix,
+			errs = append(errs, field.Invalid(prefix, d.InterfaceNamePrefix,
 				"is required when mode is InterfaceNamePrefix and not allowed otherwise"))
+		}
+		if len(d.InterfaceNamePrefix) > 15 {
+			errs = append(errs, field.TooLong(prefix, d.InterfaceNamePrefix, 15))
+		}
+		if d.InterfaceNamePrefix != "" && !interfaceName.MatchString(d.InterfaceNamePrefix) {
+			errs = append(errs, field.Invalid(prefix, d.InterfaceNamePrefix, "may hold only letters, digits, '_', '.' and '-'"))
 		}
 	}
 	return errs.ToAggregate()
 }
+
+// interfaceName matches what Linux accepts in an interface name, less the
+// characters that nftables' interface matching would read specially.
+var interfaceName = regexp.MustCompile(`^[a-zA-Z0-9_.-]+$`)
 
 // validateCIDRs parses a list of CIDRs, at most max of them, each written
 // as its network address. It returns the prefixes that parsed.

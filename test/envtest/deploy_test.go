@@ -121,6 +121,9 @@ func TestDaemonSetRunsWithNETADMINOnly(t *testing.T) {
 	}) {
 		t.Errorf("no toleration of every taint: %v", pod.Tolerations)
 	}
+	if pod.DNSPolicy != corev1.DNSDefault {
+		t.Errorf("dnsPolicy = %q, want Default: cluster DNS is behind a ClusterIP the agent has yet to program", pod.DNSPolicy)
+	}
 	if pod.ServiceAccountName != "nftproxy" {
 		t.Errorf("serviceAccountName = %q", pod.ServiceAccountName)
 	}

@@ -13,7 +13,8 @@ IMG ?= ghcr.io/nftproxy/nftproxy:latest
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/nftproxy/nftproxy/internal/version.Version=$(VERSION)
 
-# Extra arguments for `go test`, for example GOTEST_FLAGS='-run Envtest -v'.
+# Extra arguments for `go test`, for example GOTEST_FLAGS='-run TestAgentBinary -v'.
+# Results are never cached: some tests build and run the agent binary.
 GOTEST_FLAGS ?=
 
 SHELL := /usr/bin/env bash -o pipefail
@@ -64,7 +65,7 @@ envtest-assets: ## Build kube-apiserver and etcd for envtest into bin/k8s (no in
 
 .PHONY: test
 test: vet ## Run every test this machine can run (unit, envtest; kernel tests need root).
-	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test $(GOTEST_FLAGS) ./...
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 $(GOTEST_FLAGS) ./...
 
 ##@ Build
 

@@ -27,8 +27,15 @@ build() { # build <binary> <tools module> <package>
 	fi
 	echo "envtest-assets: building $1 from $3 (a few minutes on a cold module cache)" >&2
 	mkdir -p "$assets"
-	(cd "$tools/$2" && CGO_ENABLED=0 go build -trimpath -o "$assets/$1.tmp" "$3") >&2
-	mv "$assets/$1.tmp" "$assets/$1"
+	# Build beside the cache and rename, so a concurrent or interrupted run
+	# never leaves a half-written binary under the final name.
+	local tmp
+	tmp=$(mktemp "$assets/.$1.XXXXXX")
+	if ! (cd "$tools/$2" && CGO_ENABLED=0 go build -trimpath -o "$tmp" "$3") >&2; then
+		rm -f "$tmp"
+		return 1
+	fi
+	mv "$tmp" "$assets/$1"
 }
 
 build kube-apiserver kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver

@@ -20,6 +20,7 @@ var invalidSpecs = []struct {
 	{"negative mark bit", `{"masqueradeBit": -1}`, "spec.masqueradeBit"},
 	{"NodePort address without prefix", `{"nodePortAddresses": ["192.168.1.1"]}`, "spec.nodePortAddresses[0]"},
 	{"NodePort address with host bits", `{"nodePortAddresses": ["192.168.1.0/24", "192.168.2.1/24"]}`, "spec.nodePortAddresses[1]"},
+	{"NodePort CIDR listed twice", `{"nodePortAddresses": ["192.168.1.0/24", "192.168.1.0/24"]}`, "spec.nodePortAddresses[1]"},
 	{"externalIP CIDR with host bits", `{"allowedExternalIPCIDRs": ["2001:db8::1/32"]}`, "spec.allowedExternalIPCIDRs[0]"},
 	{"externalIP CIDR that is a name", `{"allowedExternalIPCIDRs": ["example.com/24"]}`, "spec.allowedExternalIPCIDRs[0]"},
 	{"negative minimum sync interval", `{"minSyncInterval": "-1s"}`, "spec.minSyncInterval"},

@@ -106,16 +106,20 @@ func (s *ProxyConfigSpec) Validate() error {
 var interfaceName = regexp.MustCompile(`^[a-zA-Z0-9_.-]+$`)
 
 // validateCIDRs parses a list of CIDRs, at most max of them, each written
-// as its network address. It returns the prefixes that parsed.
+// as its network address and listed once. It returns the prefixes that
+// parsed.
 func validateCIDRs(path *field.Path, cidrs []CIDR, max int) ([]netip.Prefix, field.ErrorList) {
 	var errs field.ErrorList
 	if len(cidrs) > max {
 		errs = append(errs, field.TooMany(path, len(cidrs), max))
 	}
 	prefixes := make([]netip.Prefix, 0, len(cidrs))
+	seen := make(map[CIDR]bool, len(cidrs))
 	for i, c := range cidrs {
 		prefix, err := netip.ParsePrefix(string(c))
 		switch {
+		case seen[c]:
+			errs = append(errs, field.Duplicate(path.Index(i), c))
 		case err != nil:
 			errs = append(errs, field.Invalid(path.Index(i), c, "must be a CIDR such as 10.244.0.0/16 or fd00:10:244::/56"))
 		case prefix != prefix.Masked():
@@ -123,6 +127,7 @@ func validateCIDRs(path *field.Path, cidrs []CIDR, max int) ([]netip.Prefix, fie
 		default:
 			prefixes = append(prefixes, prefix)
 		}
+		seen[c] = true
 	}
 	return prefixes, errs
 }

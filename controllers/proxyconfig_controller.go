@@ -85,8 +85,10 @@ type ConfigReconciler struct {
 }
 
 // Reconcile implements reconcile.Reconciler. An invalid ProxyConfig (one
-// that slipped past the API server's validation) leaves the previous
-// configuration in place and is not retried until the object changes.
+// that slipped past the API server's validation, say under an older CRD)
+// leaves the previous configuration in place, or the agent unready if there
+// is none yet, and is not retried until the object changes: programming a
+// node from settings its admin did not write is worse than waiting.
 func (r *ConfigReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	var pc proxyv1alpha1.ProxyConfig
 	var effective EffectiveConfig

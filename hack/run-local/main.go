@@ -26,6 +26,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+	"github.com/nftproxy/nftproxy/test/testenv"
 )
 
 func main() {
@@ -41,15 +42,7 @@ func run(agentPath string, agentArgs []string) error {
 	if os.Getenv("KUBEBUILDER_ASSETS") == "" {
 		return errors.New("KUBEBUILDER_ASSETS is not set: use `make run-local`, which builds kube-apiserver and etcd")
 	}
-	scheme := runtime.NewScheme()
-	if err := proxyv1alpha1.AddToScheme(scheme); err != nil {
-		return err
-	}
-	env := &envtest.Environment{
-		CRDDirectoryPaths:     []string{filepath.Join("config", "crd", "bases")},
-		ErrorIfCRDPathMissing: true,
-		Scheme:                scheme,
-	}
+	env := testenv.NewEnvironment()
 	if _, err := env.Start(); err != nil {
 		return fmt.Errorf("starting the local API server: %w", err)
 	}
@@ -67,10 +60,7 @@ func run(agentPath string, agentArgs []string) error {
 	if err != nil {
 		return fmt.Errorf("writing the admin kubeconfig: %w", err)
 	}
-	kubeconfigPath, err := filepath.Abs(filepath.Join("bin", "local", "kubeconfig"))
-	if err != nil {
-		return err
-	}
+	kubeconfigPath := filepath.Join(testenv.RepoRoot(), "bin", "local", "kubeconfig")
 	if err := os.MkdirAll(filepath.Dir(kubeconfigPath), 0o755); err != nil {
 		return err
 	}
@@ -79,7 +69,7 @@ func run(agentPath string, agentArgs []string) error {
 	}
 	defer func() { _ = os.Remove(kubeconfigPath) }()
 
-	if err := createSample(admin.Config(), scheme); err != nil {
+	if err := createSample(admin.Config(), env.Scheme); err != nil {
 		return err
 	}
 
@@ -114,7 +104,7 @@ func run(agentPath string, agentArgs []string) error {
 
 // createSample creates the sample ProxyConfig of config/samples.
 func createSample(cfg *rest.Config, scheme *runtime.Scheme) error {
-	raw, err := os.ReadFile(filepath.Join("config", "samples", "proxy_v1alpha1_proxyconfig.yaml"))
+	raw, err := os.ReadFile(filepath.Join(testenv.RepoRoot(), "config", "samples", "proxy_v1alpha1_proxyconfig.yaml"))
 	if err != nil {
 		return err
 	}

@@ -1,6 +1,7 @@
 // Package testenv starts a real kube-apiserver and etcd (controller-runtime's
 // envtest) with nftproxy's CRD installed, and renders the project's
-// kustomize directories, for tests that need a real API server.
+// kustomize directories, for tests that need a real API server and for
+// hack/run-local.
 package testenv
 
 import (
@@ -39,6 +40,16 @@ func Scheme() *kruntime.Scheme {
 	return s
 }
 
+// NewEnvironment describes an API server with the ProxyConfig CRD
+// installed and a client scheme that knows it; Start runs it.
+func NewEnvironment() *envtest.Environment {
+	return &envtest.Environment{
+		CRDDirectoryPaths:     []string{filepath.Join(RepoRoot(), "config", "crd", "bases")},
+		ErrorIfCRDPathMissing: true,
+		Scheme:                Scheme(),
+	}
+}
+
 // Env is a running API server with the CRD installed.
 type Env struct {
 	*envtest.Environment
@@ -59,11 +70,7 @@ func Start(t testing.TB) *Env {
 		}
 		t.Skip(msg)
 	}
-	env := &envtest.Environment{
-		CRDDirectoryPaths:     []string{filepath.Join(RepoRoot(), "config", "crd", "bases")},
-		ErrorIfCRDPathMissing: true,
-		Scheme:                Scheme(),
-	}
+	env := NewEnvironment()
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatalf("starting envtest: %v", err)

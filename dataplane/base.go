@@ -1,0 +1,202 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"reflect"
+	"slices"
+
+	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+)
+
+// Hook priorities. DNAT runs at dstnat; the reject checks run just before
+// it (so they see the original destination of a packet that will not be
+// DNATed) and, for locally generated packets, just after it (so only
+// packets left on a ClusterIP are rejected); masquerade runs at srcnat.
+const (
+	priorityDstNAT       int32 = -100
+	prioritySrcNAT       int32 = 100
+	priorityFilterPre    int32 = priorityDstNAT - 10
+	priorityFilterPost   int32 = priorityDstNAT + 10
+	defaultMasqueradeBit       = 14
+)
+
+// settings is what the whole table depends on beyond single Services: the
+// parsed ProxyConfig and the node. When it changes, every Service is
+// computed again.
+type settings struct {
+	nodeName string
+	nodeZone string
+	markBit  uint32
+	masqAll  bool
+	// localCIDRs per family: sources inside are pods (no masquerade to a
+	// ClusterIP); nil means no source counts as outside.
+	localCIDRs    map[Family]netip.Prefix
+	localIfPrefix string
+	nodePortIPs   map[Family][]netip.Addr
+	allowedExtIPs []netip.Prefix
+	problems      []string
+}
+
+func newSettings(snap *Snapshot) *settings {
+	cfg := snap.Config
+	s := &settings{
+		nodeName:    snap.NodeName,
+		nodeZone:    snap.NodeZone,
+		markBit:     1 << defaultMasqueradeBit,
+		masqAll:     cfg.MasqueradeAll,
+		localCIDRs:  map[Family]netip.Prefix{},
+		nodePortIPs: map[Family][]netip.Addr{},
+	}
+	if cfg.MasqueradeBit != nil && *cfg.MasqueradeBit >= 0 && *cfg.MasqueradeBit <= 31 {
+		s.markBit = 1 << uint32(*cfg.MasqueradeBit)
+	}
+
+	mode := proxyv1alpha1.DetectLocalByClusterCIDR
+	if cfg.LocalTrafficDetection != nil && cfg.LocalTrafficDetection.Mode != "" {
+		mode = cfg.LocalTrafficDetection.Mode
+	}
+	switch mode {
+	case proxyv1alpha1.DetectLocalByClusterCIDR:
+		for _, p := range s.parseCIDRs("spec.clusterCIDRs", cfg.ClusterCIDRs) {
+			s.localCIDRs[familyOf(p.Addr())] = p
+		}
+	case proxyv1alpha1.DetectLocalByNodeCIDR:
+		for _, p := range snap.NodePodCIDRs {
+			if _, seen := s.localCIDRs[familyOf(p.Addr())]; !seen && p.IsValid() {
+				s.localCIDRs[familyOf(p.Addr())] = p.Masked()
+			}
+		}
+	case proxyv1alpha1.DetectLocalByInterfaceNamePrefix:
+		s.localIfPrefix = cfg.LocalTrafficDetection.InterfaceNamePrefix
+	default:
+		s.problems = append(s.problems, fmt.Sprintf("spec.localTrafficDetection.mode: unknown mode %q; no source counts as outside the cluster", mode))
+	}
+
+	nodePortCIDRs := s.parseCIDRs("spec.nodePortAddresses", cfg.NodePortAddresses)
+	for _, a := range snap.NodeAddresses {
+		a = a.Unmap()
+		if !a.IsValid() || !nodePortAddressAllowed(a, nodePortCIDRs, len(cfg.NodePortAddresses) > 0) {
+			continue
+		}
+		s.nodePortIPs[familyOf(a)] = append(s.nodePortIPs[familyOf(a)], a)
+	}
+	for f := range s.nodePortIPs {
+		slices.SortFunc(s.nodePortIPs[f], netip.Addr.Compare)
+		s.nodePortIPs[f] = slices.Compact(s.nodePortIPs[f])
+	}
+	s.allowedExtIPs = s.parseCIDRs("spec.allowedExternalIPCIDRs", cfg.AllowedExternalIPCIDRs)
+	return s
+}
+
+// nodePortAddressAllowed says whether NodePorts are served on a: inside one
+// of the configured CIDRs, or, with none configured, any address but
+// loopback and link-local ones.
+func nodePortAddressAllowed(a netip.Addr, cidrs []netip.Prefix, configured bool) bool {
+	if !configured {
+		return !a.IsLoopback() && !a.IsLinkLocalUnicast()
+	}
+	for _, p := range cidrs {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *settings) parseCIDRs(field string, cidrs []proxyv1alpha1.CIDR) []netip.Prefix {
+	var out []netip.Prefix
+	for i, c := range cidrs {
+		p, err := netip.ParsePrefix(string(c))
+		if err != nil {
+			s.problems = append(s.problems, fmt.Sprintf("%s[%d]: %q is not a CIDR; ignored", field, i, c))
+			continue
+		}
+		out = append(out, p.Masked())
+	}
+	return out
+}
+
+func (s *settings) equal(o *settings) bool { return o != nil && reflect.DeepEqual(s, o) }
+
+func (s *settings) externalIPAllowed(a netip.Addr) bool {
+	if len(s.allowedExtIPs) == 0 {
+		return true
+	}
+	for _, p := range s.allowedExtIPs {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// buildBase returns the fixed part of the table: hooked chains, the
+// dispatch chains that look packets up in the maps, and the declarations
+// of those maps and sets.
+func buildBase(s *settings) *Base {
+	b := &Base{}
+	var services, svcCheck, nodePortCheck, clusterIPsCheck []Rule
+	for _, f := range Families {
+		addrKey, addrProtoPortKey := KeyAddr4, KeyAddr4ProtoPort
+		if f == IPv6 {
+			addrKey, addrProtoPortKey = KeyAddr6, KeyAddr6ProtoPort
+		}
+		nodePortIPs := &Set{Name: familySet(setNodePortIPs, f), Key: addrKey, Comment: "node addresses NodePorts are served on"}
+		for _, a := range s.nodePortIPs[f] {
+			nodePortIPs.Elements = append(nodePortIPs.Elements, Element{Set: nodePortIPs.Name, Key: Key{Addr: a}})
+		}
+		b.Sets = append(b.Sets,
+			&Set{Name: familySet(setServiceIPs, f), Key: addrProtoPortKey, Map: true, Comment: "ClusterIP, externalIP and LoadBalancer IP frontends"},
+			&Set{Name: familySet(setServiceNodePorts, f), Key: KeyProtoPort, Map: true, Comment: "NodePort frontends"},
+			nodePortIPs,
+			&Set{Name: familySet(setNoEndpointServices, f), Key: addrProtoPortKey, Map: true, Comment: "frontends without usable endpoints"},
+			&Set{Name: familySet(setNoEndpointNodePorts, f), Key: KeyProtoPort, Map: true, Comment: "NodePorts without usable endpoints"},
+			&Set{Name: familySet(setClusterIPs, f), Key: addrKey, Comment: "ClusterIPs: ports they do not serve are rejected"},
+		)
+		onNodePortIP := MatchAddrSet{Field: Daddr, Family: f, Set: familySet(setNodePortIPs, f)}
+		services = append(services,
+			Rule{Stmts: []Stmt{VmapLookup{Key: addrProtoPortKey, Map: familySet(setServiceIPs, f)}}},
+			Rule{Stmts: []Stmt{onNodePortIP, VmapLookup{Key: KeyProtoPort, Map: familySet(setServiceNodePorts, f)}}},
+		)
+		svcCheck = append(svcCheck, Rule{Stmts: []Stmt{VmapLookup{Key: addrProtoPortKey, Map: familySet(setNoEndpointServices, f)}}})
+		nodePortCheck = append(nodePortCheck, Rule{Stmts: []Stmt{onNodePortIP, VmapLookup{Key: KeyProtoPort, Map: familySet(setNoEndpointNodePorts, f)}}})
+		clusterIPsCheck = append(clusterIPsCheck, Rule{Stmts: []Stmt{
+			MatchAddrSet{Field: Daddr, Family: f, Set: familySet(setClusterIPs, f)},
+			VerdictStmt{Goto(chainRejectPacket)},
+		}})
+	}
+
+	newOnly := func(chain string) Rule {
+		return Rule{Stmts: []Stmt{MatchCtStateNew{}, VerdictStmt{Jump(chain)}}}
+	}
+	jump := func(chain string) Rule { return Rule{Stmts: []Stmt{VerdictStmt{Jump(chain)}}} }
+	b.Chains = []*Chain{
+		{Name: chainNATPrerouting, Hook: &Hook{ChainNAT, HookPrerouting, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
+		{Name: chainNATOutput, Hook: &Hook{ChainNAT, HookOutput, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
+		{Name: chainNATPostrouting, Hook: &Hook{ChainNAT, HookPostrouting, prioritySrcNAT}, Rules: []Rule{jump(chainMasquerading)}},
+		{Name: chainFilterInput, Hook: &Hook{ChainFilter, HookInput, priorityFilterPre}, Rules: []Rule{
+			newOnly(chainNodePortEndpointsCheck), newOnly(chainServiceEndpointsCheck)}},
+		{Name: chainFilterForward, Hook: &Hook{ChainFilter, HookForward, priorityFilterPre}, Rules: []Rule{
+			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck)}},
+		{Name: chainFilterOutput, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPre}, Rules: []Rule{
+			newOnly(chainServiceEndpointsCheck)}},
+		{Name: chainFilterOutputPostDNAT, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPost}, Rules: []Rule{
+			newOnly(chainClusterIPsCheck)}},
+		{Name: chainServices, Rules: services},
+		{Name: chainServiceEndpointsCheck, Rules: svcCheck},
+		{Name: chainNodePortEndpointsCheck, Rules: nodePortCheck},
+		{Name: chainClusterIPsCheck, Rules: clusterIPsCheck},
+		{Name: chainMarkForMasquerade, Rules: []Rule{{Stmts: []Stmt{SetMarkBits{s.markBit}}}}},
+		{Name: chainMasquerading, Rules: []Rule{
+			{Stmts: []Stmt{MatchMarkUnset{s.markBit}, VerdictStmt{Verdict{Kind: VerdictReturn}}}},
+			{Stmts: []Stmt{ClearMarkBits{s.markBit}}},
+			{Stmts: []Stmt{Masquerade{}}},
+		}},
+		{Name: chainRejectPacket, Rules: []Rule{
+			{Stmts: []Stmt{MatchL4Proto{TCP}, Reject{TCPReset: true}}},
+			{Stmts: []Stmt{Reject{}}},
+		}},
+	}
+	return b
+}

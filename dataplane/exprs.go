@@ -1,0 +1,195 @@
+package dataplane
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Registers as nft allocates them: verdicts in 0, values from 1 (the
+// first 16-byte register, which is also the first 32-bit one), further
+// fields of a concatenation in the following 32-bit registers.
+const (
+	regVerdict = 0
+	reg1       = 1
+	reg2       = 2
+	reg32First = 8 // NFT_REG32_00, the same bytes as reg1
+)
+
+// Offsets of the address fields in the IPv4 and IPv6 headers.
+var addrOffsets = map[Family]map[AddrField]uint32{
+	IPv4: {Saddr: 12, Daddr: 16},
+	IPv6: {Saddr: 8, Daddr: 24},
+}
+
+func addrLen(f Family) uint32 {
+	if f == IPv4 {
+		return 4
+	}
+	return 16
+}
+
+func nfproto(f Family) byte {
+	if f == IPv4 {
+		return unix.NFPROTO_IPV4
+	}
+	return unix.NFPROTO_IPV6
+}
+
+// matchFamily is the nfproto guard nft puts before any network header
+// access in an inet table.
+func matchFamily(f Family) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: reg1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: []byte{nfproto(f)}},
+	}
+}
+
+func loadAddr(f Family, field AddrField, reg uint32) expr.Any {
+	return &expr.Payload{
+		OperationType: expr.PayloadLoad, DestRegister: reg, Base: expr.PayloadBaseNetworkHeader,
+		Offset: addrOffsets[f][field], Len: addrLen(f),
+	}
+}
+
+// loadProtoPort loads meta l4proto and th dport into two registers, the
+// consecutive fields of a concatenation key.
+func loadProtoPort(protoReg, portReg uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: protoReg},
+		&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: portReg, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+	}
+}
+
+func cmpOp(negate bool) expr.CmpOp {
+	if negate {
+		return expr.CmpOpNeq
+	}
+	return expr.CmpOpEq
+}
+
+func verdictExpr(v Verdict) *expr.Verdict {
+	kinds := map[VerdictKind]expr.VerdictKind{
+		VerdictAccept: expr.VerdictAccept, VerdictDrop: expr.VerdictDrop, VerdictReturn: expr.VerdictReturn,
+		VerdictJump: expr.VerdictJump, VerdictGoto: expr.VerdictGoto,
+	}
+	return &expr.Verdict{Kind: kinds[v.Kind], Chain: v.Chain}
+}
+
+// stmtExprs encodes one statement as the expressions nft itself would
+// generate for it, so that `nft list` prints our rules back as the text
+// in text.go. NumgenVmap's lookup refers to the anonymous map setID,
+// which the caller creates in the same batch.
+func stmtExprs(s Stmt, setID uint32) ([]expr.Any, error) {
+	switch s := s.(type) {
+	case MatchCtStateNew:
+		return []expr.Any{
+			&expr.Ct{Key: expr.CtKeySTATE, Register: reg1},
+			&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: make([]byte, 4)},
+		}, nil
+	case MatchAddr:
+		f := familyOf(s.Prefix.Addr())
+		out := matchFamily(f)
+		addr := s.Prefix.Addr().AsSlice()
+		bits := s.Prefix.Bits()
+		if bits%8 == 0 {
+			// Whole bytes: load only the prefix, as nft does.
+			out = append(out,
+				&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: reg1, Base: expr.PayloadBaseNetworkHeader,
+					Offset: addrOffsets[f][s.Field], Len: uint32(bits / 8)},
+				&expr.Cmp{Op: cmpOp(s.Negate), Register: reg1, Data: addr[:bits/8]})
+			return out, nil
+		}
+		mask := make([]byte, len(addr))
+		for i := range bits {
+			mask[i/8] |= 0x80 >> (i % 8)
+		}
+		out = append(out, loadAddr(f, s.Field, reg1),
+			&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: addrLen(f), Mask: mask, Xor: make([]byte, len(addr))},
+			&expr.Cmp{Op: cmpOp(s.Negate), Register: reg1, Data: addr})
+		return out, nil
+	case MatchAddrSet:
+		return append(matchFamily(s.Family), loadAddr(s.Family, s.Field, reg1),
+			&expr.Lookup{SourceRegister: reg1, SetName: s.Set}), nil
+	case MatchIifnamePrefix:
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyIIFNAME, Register: reg1},
+			&expr.Cmp{Op: cmpOp(s.Negate), Register: reg1, Data: []byte(s.Prefix)},
+		}, nil
+	case MatchL4Proto:
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: reg1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: []byte{byte(s.Proto)}},
+		}, nil
+	case MatchMarkUnset:
+		return []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyMARK, Register: reg1},
+			&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(s.Mask), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: make([]byte, 4)},
+		}, nil
+	case VmapLookup:
+		var out []expr.Any
+		switch s.Key {
+		case KeyAddr4ProtoPort, KeyAddr6ProtoPort:
+			f := IPv4
+			if s.Key == KeyAddr6ProtoPort {
+				f = IPv6
+			}
+			out = append(matchFamily(f), loadAddr(f, Daddr, reg1))
+			next := reg32First + addrLen(f)/4
+			out = append(out, loadProtoPort(next, next+1)...)
+		case KeyProtoPort:
+			out = loadProtoPort(reg1, reg32First+1)
+		default:
+			return nil, fmt.Errorf("vmap lookup with key type %d", s.Key)
+		}
+		return append(out, &expr.Lookup{SourceRegister: reg1, DestRegister: regVerdict, IsDestRegSet: true, SetName: s.Map}), nil
+	case NumgenVmap:
+		return []expr.Any{
+			&expr.Numgen{Register: reg1, Modulus: uint32(len(s.Targets)), Type: unix.NFT_NG_RANDOM},
+			&expr.Lookup{SourceRegister: reg1, DestRegister: regVerdict, IsDestRegSet: true, SetName: anonymousMapName, SetID: setID},
+		}, nil
+	case SetMarkBits:
+		return markExprs(^s.Bits, s.Bits), nil
+	case ClearMarkBits:
+		return markExprs(0xffffffff, s.Bits), nil
+	case Masquerade:
+		return []expr.Any{&expr.Masq{FullyRandom: true}}, nil
+	case DNAT:
+		f := familyOf(s.To.Addr())
+		port := make([]byte, 2)
+		binary.BigEndian.PutUint16(port, s.To.Port())
+		return []expr.Any{
+			&expr.Immediate{Register: reg1, Data: s.To.Addr().AsSlice()},
+			&expr.Immediate{Register: reg2, Data: port},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(f)), RegAddrMin: reg1, RegProtoMin: reg2, Specified: true},
+		}, nil
+	case Reject:
+		if s.TCPReset {
+			return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}}, nil
+		}
+		return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH}}, nil
+	case VerdictStmt:
+		return []expr.Any{verdictExpr(s.Verdict)}, nil
+	}
+	return nil, fmt.Errorf("unknown statement %T", s)
+}
+
+// markExprs sets mark = (mark & and) ^ xor.
+func markExprs(and, xor uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: reg1},
+		&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(and), Xor: binaryutil.NativeEndian.PutUint32(xor)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: reg1},
+	}
+}
+
+// anonymousMapName asks the kernel to name an anonymous map itself.
+const anonymousMapName = "__map%d"

@@ -1,0 +1,284 @@
+package dataplane
+
+import (
+	"net/netip"
+
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// TableName is the one nftables table nftproxy owns, in the inet family so
+// that one table serves IPv4 and IPv6. Nothing outside it is ever touched.
+const TableName = "nftproxy"
+
+// Family is an IP family; every address-keyed set, map and chain exists
+// once per family because nftables keys have a fixed width.
+type Family uint8
+
+const (
+	IPv4 Family = 4
+	IPv6 Family = 6
+)
+
+// Families lists both, in the order the ruleset is written.
+var Families = []Family{IPv4, IPv6}
+
+func familyOf(a netip.Addr) Family {
+	if a.Is4() {
+		return IPv4
+	}
+	return IPv6
+}
+
+// Suffix is how a family appears in set and chain names: "4" or "6".
+func (f Family) Suffix() string {
+	if f == IPv4 {
+		return "4"
+	}
+	return "6"
+}
+
+// Protocol is an L4 protocol number as nftables' meta l4proto sees it.
+type Protocol uint8
+
+const (
+	TCP  Protocol = 6
+	UDP  Protocol = 17
+	SCTP Protocol = 132
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	case SCTP:
+		return "sctp"
+	}
+	return "unknown"
+}
+
+// Ruleset is the desired content of our table: the static part and one
+// fragment per Service. Fragments are shared between successive Rulesets
+// while their Service does not change, so the diff of two Rulesets costs
+// a pointer comparison per unchanged Service. A Ruleset must not be
+// modified once built.
+type Ruleset struct {
+	Base     *Base
+	Services map[types.NamespacedName]*ServiceRules
+}
+
+// Base is the part of the table that does not come from any one Service:
+// hooked chains, helper chains, and the set and map declarations (with the
+// elements derived from the node and the config, such as NodePort addresses).
+type Base struct {
+	Sets   []*Set
+	Chains []*Chain
+	// problems are the config's parts that could not be used.
+	problems []string
+}
+
+// ServiceRules is everything one Service contributes: its chains, its map
+// and set elements, and what could not be programmed and why.
+type ServiceRules struct {
+	Chains   []*Chain
+	Elements []Element
+	// Problems name the parts of the Service that were skipped (a
+	// malformed address, an unknown protocol, a frontend another Service
+	// holds); the rest of the Service is programmed.
+	Problems []string
+}
+
+// Set declares a named set or verdict map of the table.
+type Set struct {
+	Name    string
+	Key     KeyType
+	Map     bool // a verdict map rather than a set
+	Comment string
+	// Elements are the static ones, for sets of the Base.
+	Elements []Element
+}
+
+// KeyType is the shape of a set's key.
+type KeyType uint8
+
+const (
+	// KeyAddr4 and KeyAddr6: an address (ipv4_addr, ipv6_addr).
+	KeyAddr4 KeyType = iota + 1
+	KeyAddr6
+	// KeyAddr4ProtoPort and KeyAddr6ProtoPort: destination address,
+	// l4 protocol, destination port (a Service frontend on an IP).
+	KeyAddr4ProtoPort
+	KeyAddr6ProtoPort
+	// KeyProtoPort: l4 protocol and destination port (a NodePort).
+	KeyProtoPort
+)
+
+// Element is one member of a set or map.
+type Element struct {
+	Set     string
+	Key     Key
+	Verdict Verdict // zero for plain sets
+	Comment string
+}
+
+// Key holds the fields of an element's key; which are used depends on the
+// set's KeyType.
+type Key struct {
+	Addr  netip.Addr
+	Proto Protocol
+	Port  uint16
+}
+
+// VerdictKind is what a verdict does.
+type VerdictKind uint8
+
+const (
+	VerdictNone VerdictKind = iota
+	VerdictAccept
+	VerdictDrop
+	VerdictReturn
+	VerdictJump
+	VerdictGoto
+)
+
+// Verdict ends a rule or is the value of a verdict map element.
+type Verdict struct {
+	Kind  VerdictKind
+	Chain string // for jump and goto
+}
+
+// Goto and Jump build verdicts to a chain.
+func Goto(chain string) Verdict { return Verdict{Kind: VerdictGoto, Chain: chain} }
+func Jump(chain string) Verdict { return Verdict{Kind: VerdictJump, Chain: chain} }
+
+// Chain is a chain of the table. Hook is set for base chains only.
+type Chain struct {
+	Name    string
+	Hook    *Hook
+	Rules   []Rule
+	Comment string
+}
+
+// Hook attaches a base chain to a netfilter hook.
+type Hook struct {
+	Type     ChainType
+	Hook     HookPoint
+	Priority int32
+}
+
+// ChainType is nftables' chain type.
+type ChainType string
+
+const (
+	ChainNAT    ChainType = "nat"
+	ChainFilter ChainType = "filter"
+)
+
+// HookPoint is a netfilter hook.
+type HookPoint string
+
+const (
+	HookPrerouting  HookPoint = "prerouting"
+	HookInput       HookPoint = "input"
+	HookForward     HookPoint = "forward"
+	HookOutput      HookPoint = "output"
+	HookPostrouting HookPoint = "postrouting"
+)
+
+// Rule is a sequence of statements evaluated left to right; matches stop
+// the rule when they fail.
+type Rule struct {
+	Stmts   []Stmt
+	Comment string
+}
+
+// Stmt is one statement of a rule. The concrete types below are the whole
+// vocabulary nftproxy writes; each is printed as nft prints it (text.go),
+// encoded as netlink expressions (exprs.go) and evaluated by the tests'
+// packet tracer.
+type Stmt interface{ isStmt() }
+
+// AddrField names the source or destination address of a packet.
+type AddrField uint8
+
+const (
+	Saddr AddrField = iota
+	Daddr
+)
+
+// MatchCtStateNew matches packets that start a connection.
+type MatchCtStateNew struct{}
+
+// MatchAddr matches an address field against a prefix (a single address
+// when the prefix is a full-length one).
+type MatchAddr struct {
+	Field  AddrField
+	Prefix netip.Prefix
+	Negate bool
+}
+
+// MatchAddrSet matches an address field against a named set of addresses.
+type MatchAddrSet struct {
+	Field  AddrField
+	Family Family
+	Set    string
+}
+
+// MatchIifnamePrefix matches (or, negated, excludes) input interfaces by
+// name prefix.
+type MatchIifnamePrefix struct {
+	Prefix string
+	Negate bool
+}
+
+// MatchL4Proto matches the transport protocol.
+type MatchL4Proto struct{ Proto Protocol }
+
+// MatchMarkUnset matches packets whose mark has none of the bits of Mask.
+type MatchMarkUnset struct{ Mask uint32 }
+
+// VmapLookup looks the packet up in a named verdict map and takes the
+// verdict found; a miss continues with the next rule.
+type VmapLookup struct {
+	Key KeyType
+	Map string
+}
+
+// NumgenVmap picks one of Targets at random (numgen random mod N) and
+// goes to that chain.
+type NumgenVmap struct{ Targets []string }
+
+// SetMarkBits ORs Bits into the packet mark.
+type SetMarkBits struct{ Bits uint32 }
+
+// ClearMarkBits XORs Bits out of the packet mark; only used after
+// MatchMarkUnset has proven they are set.
+type ClearMarkBits struct{ Bits uint32 }
+
+// Masquerade source-NATs to the address of the outgoing interface.
+type Masquerade struct{}
+
+// DNAT rewrites the destination to an endpoint.
+type DNAT struct{ To netip.AddrPort }
+
+// Reject answers with a TCP reset (TCP) or ICMP port unreachable.
+type Reject struct{ TCPReset bool }
+
+// VerdictStmt ends the rule with a verdict.
+type VerdictStmt struct{ Verdict Verdict }
+
+func (MatchCtStateNew) isStmt()    {}
+func (MatchAddr) isStmt()          {}
+func (MatchAddrSet) isStmt()       {}
+func (MatchIifnamePrefix) isStmt() {}
+func (MatchL4Proto) isStmt()       {}
+func (MatchMarkUnset) isStmt()     {}
+func (VmapLookup) isStmt()         {}
+func (NumgenVmap) isStmt()         {}
+func (SetMarkBits) isStmt()        {}
+func (ClearMarkBits) isStmt()      {}
+func (Masquerade) isStmt()         {}
+func (DNAT) isStmt()               {}
+func (Reject) isStmt()             {}
+func (VerdictStmt) isStmt()        {}

@@ -1,0 +1,376 @@
+package dataplane
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// Labels that take a Service away from nftproxy.
+const (
+	labelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+	labelHeadless         = "service.kubernetes.io/headless"
+)
+
+// claimRank orders competing claims on one frontend: an address the API
+// server allocated (ClusterIP, NodePort) beats one a user wrote
+// (externalIPs, LoadBalancer status), so a Service cannot hijack another's
+// ClusterIP by listing it as an externalIP.
+type claimRank uint8
+
+const (
+	rankAllocated claimRank = iota
+	rankUserSupplied
+)
+
+// claim is an element a Service wants. Elements of different Services may
+// collide (two Services listing one externalIP and port); group names the
+// key space in which they collide, across the maps that share it.
+type claim struct {
+	Element
+	group string
+	rank  claimRank
+	// frontend describes the claim in a conflict report, e.g.
+	// "externalIP 192.0.2.1 port 80/TCP"; empty for claims that Services
+	// may share harmlessly (membership of the ClusterIP set).
+	frontend string
+}
+
+// fragment is what one Service computes to before its claims are weighed
+// against other Services'.
+type fragment struct {
+	chains   []*Chain
+	claims   []claim
+	problems []string
+}
+
+// proxied says whether nftproxy handles the Service at all.
+func proxied(svc *corev1.Service) bool {
+	if svc == nil || svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return false
+	}
+	if svc.Spec.ClusterIP == corev1.ClusterIPNone || svc.Spec.ClusterIP == "" {
+		return false
+	}
+	if _, ok := svc.Labels[labelHeadless]; ok {
+		return false
+	}
+	if _, ok := svc.Labels[labelServiceProxyName]; ok {
+		return false
+	}
+	return true
+}
+
+// endpoint is one backend of a Service port, as its slices describe it.
+type endpoint struct {
+	addr        netip.AddrPort
+	ready       bool
+	serving     bool
+	terminating bool
+	nodeName    string
+}
+
+// portEndpoints collects the endpoints of one Service port in one family
+// from the Service's slices: the slice port with the Service port's name
+// and protocol gives the number (targetPort by name is resolved here). An
+// endpoint listed twice (slices overlap while the controller rewrites
+// them) counts once, ready if any copy says so.
+func portEndpoints(slicesOf []*discoveryv1.EndpointSlice, f Family, portName string, proto Protocol) []endpoint {
+	byAddr := map[netip.AddrPort]*endpoint{}
+	wantType := discoveryv1.AddressTypeIPv4
+	if f == IPv6 {
+		wantType = discoveryv1.AddressTypeIPv6
+	}
+	for _, sl := range slicesOf {
+		if sl == nil || sl.AddressType != wantType {
+			continue
+		}
+		var port int32
+		for _, p := range sl.Ports {
+			pProto, _ := parseProtocol(ptrValue(p.Protocol))
+			if ptrValue(p.Name) == portName && pProto == proto && p.Port != nil {
+				port = *p.Port
+				break
+			}
+		}
+		if port <= 0 || port > 65535 {
+			continue
+		}
+		for _, e := range sl.Endpoints {
+			if len(e.Addresses) == 0 {
+				continue
+			}
+			a, err := netip.ParseAddr(e.Addresses[0])
+			if err != nil || familyOf(a.Unmap()) != f || a.Zone() != "" {
+				continue
+			}
+			ap := netip.AddrPortFrom(a.Unmap(), uint16(port))
+			// Unknown readiness counts as ready, as the API asks of consumers.
+			ready := e.Conditions.Ready == nil || *e.Conditions.Ready
+			serving := ready
+			if e.Conditions.Serving != nil {
+				serving = *e.Conditions.Serving
+			}
+			ep := endpoint{addr: ap, ready: ready, serving: serving, terminating: ptrValue(e.Conditions.Terminating), nodeName: ptrValue(e.NodeName)}
+			if old, ok := byAddr[ap]; ok {
+				old.ready = old.ready || ep.ready
+				old.serving = old.serving || ep.serving
+				old.terminating = old.terminating && ep.terminating
+				continue
+			}
+			byAddr[ap] = &ep
+		}
+	}
+	out := make([]endpoint, 0, len(byAddr))
+	for _, ep := range byAddr {
+		out = append(out, *ep)
+	}
+	slices.SortFunc(out, func(a, b endpoint) int { return a.addr.Compare(b.addr) })
+	return out
+}
+
+// usableEndpoints are the ready endpoints or, when none is ready, those
+// still serving while they terminate, so a rollout does not fail
+// connections.
+func usableEndpoints(eps []endpoint) []netip.AddrPort {
+	var ready, terminating []netip.AddrPort
+	for _, ep := range eps {
+		switch {
+		case ep.ready:
+			ready = append(ready, ep.addr)
+		case ep.serving && ep.terminating:
+			terminating = append(terminating, ep.addr)
+		}
+	}
+	if len(ready) > 0 {
+		return ready
+	}
+	return terminating
+}
+
+func ptrValue[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
+
+func parseProtocol(p corev1.Protocol) (Protocol, bool) {
+	switch p {
+	case corev1.ProtocolTCP, "":
+		return TCP, true
+	case corev1.ProtocolUDP:
+		return UDP, true
+	case corev1.ProtocolSCTP:
+		return SCTP, true
+	}
+	return 0, false
+}
+
+// computeService turns one Service and its slices into its chains and
+// claims. It never fails: what cannot be programmed is left out and named
+// in the fragment's problems.
+func computeService(key types.NamespacedName, st ServiceState, s *settings) *fragment {
+	fr := &fragment{}
+	svc := st.Service
+	if !proxied(svc) {
+		return fr
+	}
+
+	clusterIPs := map[Family]netip.Addr{}
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	for i, raw := range ips {
+		a, err := netip.ParseAddr(raw)
+		if err != nil || a.Zone() != "" {
+			fr.problem("spec.clusterIPs[%d]: %q is not an IP address; skipped", i, raw)
+			continue
+		}
+		a = a.Unmap()
+		if _, dup := clusterIPs[familyOf(a)]; dup {
+			fr.problem("spec.clusterIPs[%d]: a second %s ClusterIP; skipped", i, familyName(familyOf(a)))
+			continue
+		}
+		clusterIPs[familyOf(a)] = a
+	}
+
+	external := map[Family][]externalAddr{}
+	for i, raw := range svc.Spec.ExternalIPs {
+		field := fmt.Sprintf("spec.externalIPs[%d]", i)
+		a, ok := fr.externalAddr(field, raw, clusterIPs, s)
+		if ok {
+			external[familyOf(a)] = append(external[familyOf(a)], externalAddr{a, "externalIP"})
+		}
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		for i, ing := range svc.Status.LoadBalancer.Ingress {
+			if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode == corev1.LoadBalancerIPModeProxy) {
+				continue
+			}
+			field := fmt.Sprintf("status.loadBalancer.ingress[%d].ip", i)
+			a, ok := fr.externalAddr(field, ing.IP, clusterIPs, nil)
+			if ok {
+				external[familyOf(a)] = append(external[familyOf(a)], externalAddr{a, "LoadBalancer IP"})
+			}
+		}
+	}
+
+	type validPort struct {
+		corev1.ServicePort
+		proto Protocol
+	}
+	var ports []validPort
+	for i, port := range svc.Spec.Ports {
+		proto, ok := parseProtocol(port.Protocol)
+		switch {
+		case !ok:
+			fr.problem("spec.ports[%d].protocol: unknown protocol %q; port skipped", i, port.Protocol)
+		case port.Port <= 0 || port.Port > 65535:
+			fr.problem("spec.ports[%d].port: %d is not a port number; port skipped", i, port.Port)
+		default:
+			ports = append(ports, validPort{port, proto})
+		}
+	}
+
+	clusterIPComment := key.Namespace + "/" + key.Name
+	for _, f := range Families {
+		vip, ok := clusterIPs[f]
+		if !ok {
+			continue
+		}
+		fr.claims = append(fr.claims, claim{
+			Element: Element{Set: familySet(setClusterIPs, f), Key: Key{Addr: vip}, Comment: clusterIPComment},
+			group:   familySet(setClusterIPs, f), rank: rankAllocated,
+		})
+		for _, port := range ports {
+			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s)
+		}
+	}
+	slices.SortFunc(fr.chains, func(a, b *Chain) int { return cmp.Compare(a.Name, b.Name) })
+	return fr
+}
+
+type externalAddr struct {
+	addr netip.Addr
+	kind string // "externalIP" or "LoadBalancer IP"
+}
+
+// externalAddr parses an externalIP or LoadBalancer IP, checking that the
+// Service has a ClusterIP of its family and, for externalIPs (s non-nil),
+// that the config allows it.
+func (fr *fragment) externalAddr(field, raw string, clusterIPs map[Family]netip.Addr, s *settings) (netip.Addr, bool) {
+	a, err := netip.ParseAddr(raw)
+	if err != nil || a.Zone() != "" {
+		fr.problem("%s: %q is not an IP address; skipped", field, raw)
+		return netip.Addr{}, false
+	}
+	a = a.Unmap()
+	if _, ok := clusterIPs[familyOf(a)]; !ok {
+		fr.problem("%s: %s is %s but the Service has no %s ClusterIP; skipped", field, a, familyName(familyOf(a)), familyName(familyOf(a)))
+		return netip.Addr{}, false
+	}
+	if s != nil && !s.externalIPAllowed(a) {
+		fr.problem("%s: %s is outside allowedExternalIPCIDRs; skipped", field, a)
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+func familyName(f Family) string {
+	if f == IPv4 {
+		return "IPv4"
+	}
+	return "IPv6"
+}
+
+func (fr *fragment) problem(format string, args ...any) {
+	fr.problems = append(fr.problems, fmt.Sprintf(format, args...))
+}
+
+// addServicePort adds the chains and frontends of one Service port in one
+// family: the ClusterIP, NodePort, externalIP and LoadBalancer frontends
+// go to the port's chains when it has usable endpoints, and to the
+// no-endpoint maps (which reject) when it has none.
+func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip.Addr, external []externalAddr,
+	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings) {
+	portID := servicePortID(key, proto, port.Port)
+	comment := frontendComment(key, port.Name, port.Port)
+	eps := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
+	protoName := fmt.Sprintf("%d/%s", port.Port, port.Protocol)
+
+	ipMap, nodePortMap := familySet(setServiceIPs, f), familySet(setServiceNodePorts, f)
+	clusterTarget, externalTarget := Goto(serviceChainName(f, portID)), Goto(externalChainName(f, portID))
+	if len(eps) == 0 {
+		ipMap, nodePortMap = familySet(setNoEndpointServices, f), familySet(setNoEndpointNodePorts, f)
+		clusterTarget, externalTarget = Goto(chainRejectPacket), Goto(chainRejectPacket)
+	} else {
+		fr.addPortChains(f, portID, proto, eps, s)
+	}
+	hasExternal := false
+
+	ipGroup, nodePortGroup := "frontends"+f.Suffix(), "nodeports"+f.Suffix()
+	fr.claims = append(fr.claims, claim{
+		Element: Element{Set: ipMap, Key: Key{Addr: vip, Proto: proto, Port: uint16(port.Port)}, Verdict: clusterTarget, Comment: comment},
+		group:   ipGroup, rank: rankAllocated, frontend: fmt.Sprintf("ClusterIP %s port %s", vip, protoName),
+	})
+	for _, ext := range external {
+		hasExternal = true
+		fr.claims = append(fr.claims, claim{
+			Element: Element{Set: ipMap, Key: Key{Addr: ext.addr, Proto: proto, Port: uint16(port.Port)}, Verdict: externalTarget, Comment: comment},
+			group:   ipGroup, rank: rankUserSupplied, frontend: fmt.Sprintf("%s %s port %s", ext.kind, ext.addr, protoName),
+		})
+	}
+	if port.NodePort > 0 && port.NodePort <= 65535 {
+		hasExternal = true
+		fr.claims = append(fr.claims, claim{
+			Element: Element{Set: nodePortMap, Key: Key{Proto: proto, Port: uint16(port.NodePort)}, Verdict: externalTarget, Comment: comment},
+			group:   nodePortGroup, rank: rankAllocated, frontend: fmt.Sprintf("NodePort %d/%s", port.NodePort, port.Protocol),
+		})
+	}
+	if hasExternal && len(eps) > 0 {
+		// Traffic that arrives on an external frontend is masqueraded so
+		// that replies come back through this node.
+		fr.chains = append(fr.chains, &Chain{Name: externalChainName(f, portID), Rules: []Rule{
+			{Stmts: []Stmt{VerdictStmt{Jump(chainMarkForMasquerade)}}, Comment: "external traffic"},
+			{Stmts: []Stmt{VerdictStmt{Goto(serviceChainName(f, portID))}}},
+		}})
+	}
+}
+
+// addPortChains adds the service chain of a port (masquerade what comes
+// from outside the cluster, then pick an endpoint at random) and one
+// chain per endpoint (masquerade hairpin traffic, DNAT).
+func (fr *fragment) addPortChains(f Family, portID string, proto Protocol, eps []netip.AddrPort, s *settings) {
+	var rules []Rule
+	markRule := Rule{Comment: "ClusterIP traffic from outside the cluster"}
+	switch {
+	case s.masqAll:
+		markRule.Stmts = []Stmt{VerdictStmt{Jump(chainMarkForMasquerade)}}
+		markRule.Comment = "masqueradeAll"
+	case s.localIfPrefix != "":
+		markRule.Stmts = []Stmt{MatchIifnamePrefix{Prefix: s.localIfPrefix, Negate: true}, VerdictStmt{Jump(chainMarkForMasquerade)}}
+	case s.localCIDRs[f].IsValid():
+		markRule.Stmts = []Stmt{MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f], Negate: true}, VerdictStmt{Jump(chainMarkForMasquerade)}}
+	}
+	if markRule.Stmts != nil {
+		rules = append(rules, markRule)
+	}
+	targets := make([]string, len(eps))
+	for i, ep := range eps {
+		targets[i] = endpointChainName(f, portID, ep)
+		fr.chains = append(fr.chains, &Chain{Name: targets[i], Rules: []Rule{
+			{Stmts: []Stmt{MatchAddr{Field: Saddr, Prefix: netip.PrefixFrom(ep.Addr(), ep.Addr().BitLen())}, VerdictStmt{Jump(chainMarkForMasquerade)}}, Comment: "hairpin"},
+			{Stmts: []Stmt{MatchL4Proto{proto}, DNAT{To: ep}}},
+		}})
+	}
+	rules = append(rules, Rule{Stmts: []Stmt{NumgenVmap{Targets: targets}}})
+	fr.chains = append(fr.chains, &Chain{Name: serviceChainName(f, portID), Rules: rules})
+}

@@ -1,0 +1,212 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// String prints the ruleset in nft's syntax, sorted, as `nft list table`
+// would show it (modulo layout): for golden tests and for logs at the
+// highest verbosity.
+func (r *Ruleset) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s {\n", TableName)
+	elements := map[string][]Element{}
+	for _, key := range r.ServiceKeys() {
+		for _, e := range r.Services[key].Elements {
+			elements[e.Set] = append(elements[e.Set], e)
+		}
+	}
+	for _, set := range r.Base.Sets {
+		all := append(slices.Clone(set.Elements), elements[set.Name]...)
+		slices.SortFunc(all, compareElements)
+		writeSet(&b, set, all)
+	}
+	chains := slices.Clone(r.Base.Chains)
+	for _, key := range r.ServiceKeys() {
+		chains = append(chains, r.Services[key].Chains...)
+	}
+	for _, c := range chains {
+		writeChain(&b, c)
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func writeSet(b *strings.Builder, s *Set, elements []Element) {
+	kind := "set"
+	typ := keyTypeName(s.Key)
+	if s.Map {
+		kind = "map"
+		typ += " : verdict"
+	}
+	fmt.Fprintf(b, "\t%s %s {\n\t\ttype %s\n", kind, s.Name, typ)
+	if s.Comment != "" {
+		fmt.Fprintf(b, "\t\tcomment %q\n", s.Comment)
+	}
+	if len(elements) > 0 {
+		b.WriteString("\t\telements = {\n")
+		for _, e := range elements {
+			fmt.Fprintf(b, "\t\t\t%s", keyString(s.Key, e.Key))
+			if s.Map {
+				fmt.Fprintf(b, " : %s", e.Verdict)
+			}
+			if e.Comment != "" {
+				fmt.Fprintf(b, " comment %q", e.Comment)
+			}
+			b.WriteString(",\n")
+		}
+		b.WriteString("\t\t}\n")
+	}
+	b.WriteString("\t}\n")
+}
+
+func writeChain(b *strings.Builder, c *Chain) {
+	fmt.Fprintf(b, "\tchain %s {\n", c.Name)
+	if c.Hook != nil {
+		fmt.Fprintf(b, "\t\ttype %s hook %s priority %d; policy accept;\n", c.Hook.Type, c.Hook.Hook, c.Hook.Priority)
+	}
+	for _, r := range c.Rules {
+		fmt.Fprintf(b, "\t\t%s\n", r)
+	}
+	b.WriteString("\t}\n")
+}
+
+func keyTypeName(k KeyType) string {
+	switch k {
+	case KeyAddr4:
+		return "ipv4_addr"
+	case KeyAddr6:
+		return "ipv6_addr"
+	case KeyAddr4ProtoPort:
+		return "ipv4_addr . inet_proto . inet_service"
+	case KeyAddr6ProtoPort:
+		return "ipv6_addr . inet_proto . inet_service"
+	case KeyProtoPort:
+		return "inet_proto . inet_service"
+	}
+	return "invalid"
+}
+
+func keyString(t KeyType, k Key) string {
+	switch t {
+	case KeyAddr4, KeyAddr6:
+		return k.Addr.String()
+	case KeyAddr4ProtoPort, KeyAddr6ProtoPort:
+		return fmt.Sprintf("%s . %s . %d", k.Addr, k.Proto, k.Port)
+	case KeyProtoPort:
+		return fmt.Sprintf("%s . %d", k.Proto, k.Port)
+	}
+	return "invalid"
+}
+
+func (v Verdict) String() string {
+	switch v.Kind {
+	case VerdictAccept:
+		return "accept"
+	case VerdictDrop:
+		return "drop"
+	case VerdictReturn:
+		return "return"
+	case VerdictJump:
+		return "jump " + v.Chain
+	case VerdictGoto:
+		return "goto " + v.Chain
+	}
+	return "continue"
+}
+
+func (r Rule) String() string {
+	parts := make([]string, 0, len(r.Stmts)+1)
+	for _, s := range r.Stmts {
+		parts = append(parts, stmtString(s))
+	}
+	if r.Comment != "" {
+		parts = append(parts, fmt.Sprintf("comment %q", r.Comment))
+	}
+	return strings.Join(parts, " ")
+}
+
+func addrFieldString(fam Family, f AddrField) string {
+	proto := "ip"
+	if fam == IPv6 {
+		proto = "ip6"
+	}
+	if f == Saddr {
+		return proto + " saddr"
+	}
+	return proto + " daddr"
+}
+
+func prefixString(p netip.Prefix) string {
+	if p.IsSingleIP() {
+		return p.Addr().String()
+	}
+	return p.String()
+}
+
+func stmtString(s Stmt) string {
+	switch s := s.(type) {
+	case MatchCtStateNew:
+		return "ct state new"
+	case MatchAddr:
+		op := ""
+		if s.Negate {
+			op = "!= "
+		}
+		return fmt.Sprintf("%s %s%s", addrFieldString(familyOf(s.Prefix.Addr()), s.Field), op, prefixString(s.Prefix))
+	case MatchAddrSet:
+		return fmt.Sprintf("%s @%s", addrFieldString(s.Family, s.Field), s.Set)
+	case MatchIifnamePrefix:
+		op := ""
+		if s.Negate {
+			op = "!= "
+		}
+		return fmt.Sprintf("iifname %s%q", op, s.Prefix+"*")
+	case MatchL4Proto:
+		return "meta l4proto " + s.Proto.String()
+	case MatchMarkUnset:
+		return fmt.Sprintf("meta mark & 0x%08x == 0x00000000", s.Mask)
+	case VmapLookup:
+		return vmapKeyString(s.Key) + " vmap @" + s.Map
+	case NumgenVmap:
+		targets := make([]string, len(s.Targets))
+		for i, t := range s.Targets {
+			targets[i] = fmt.Sprintf("%d : goto %s", i, t)
+		}
+		return fmt.Sprintf("numgen random mod %d vmap { %s }", len(s.Targets), strings.Join(targets, ", "))
+	case SetMarkBits:
+		return fmt.Sprintf("meta mark set meta mark | 0x%08x", s.Bits)
+	case ClearMarkBits:
+		return fmt.Sprintf("meta mark set meta mark ^ 0x%08x", s.Bits)
+	case Masquerade:
+		return "masquerade fully-random"
+	case DNAT:
+		if s.To.Addr().Is4() {
+			return fmt.Sprintf("dnat ip to %s", s.To)
+		}
+		return fmt.Sprintf("dnat ip6 to %s", s.To)
+	case Reject:
+		if s.TCPReset {
+			return "reject with tcp reset"
+		}
+		return "reject"
+	case VerdictStmt:
+		return s.Verdict.String()
+	}
+	return fmt.Sprintf("unknown statement %T", s)
+}
+
+func vmapKeyString(k KeyType) string {
+	switch k {
+	case KeyAddr4ProtoPort:
+		return "ip daddr . meta l4proto . th dport"
+	case KeyAddr6ProtoPort:
+		return "ip6 daddr . meta l4proto . th dport"
+	case KeyProtoPort:
+		return "meta l4proto . th dport"
+	}
+	return "invalid"
+}

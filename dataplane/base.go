@@ -136,24 +136,30 @@ func (s *settings) externalIPAllowed(a netip.Addr) bool {
 // of those maps and sets.
 func buildBase(s *settings) *Base {
 	b := &Base{}
-	var services, svcCheck, nodePortCheck, clusterIPsCheck []Rule
+	var services, svcCheck, nodePortCheck, clusterIPsCheck, hairpin []Rule
 	for _, f := range Families {
-		addrKey, addrProtoPortKey := KeyAddr4, KeyAddr4ProtoPort
+		addrKey, addrProtoPortKey, pairKey, endpointData := KeyAddr4, KeyAddr4ProtoPort, KeyAddr4Pair, DataEndpoint4
 		if f == IPv6 {
-			addrKey, addrProtoPortKey = KeyAddr6, KeyAddr6ProtoPort
+			addrKey, addrProtoPortKey, pairKey, endpointData = KeyAddr6, KeyAddr6ProtoPort, KeyAddr6Pair, DataEndpoint6
 		}
 		nodePortIPs := &Set{Name: familySet(setNodePortIPs, f), Key: addrKey, Comment: "node addresses NodePorts are served on"}
 		for _, a := range s.nodePortIPs[f] {
 			nodePortIPs.Elements = append(nodePortIPs.Elements, Element{Set: nodePortIPs.Name, Key: Key{Addr: a}})
 		}
 		b.Sets = append(b.Sets,
-			&Set{Name: familySet(setServiceIPs, f), Key: addrProtoPortKey, Map: true, Comment: "ClusterIP, externalIP and LoadBalancer IP frontends"},
-			&Set{Name: familySet(setServiceNodePorts, f), Key: KeyProtoPort, Map: true, Comment: "NodePort frontends"},
+			&Set{Name: familySet(setServiceIPs, f), Key: addrProtoPortKey, Data: DataVerdict, Comment: "ClusterIP, externalIP and LoadBalancer IP frontends"},
+			&Set{Name: familySet(setServiceNodePorts, f), Key: KeyProtoPort, Data: DataVerdict, Comment: "NodePort frontends"},
 			nodePortIPs,
-			&Set{Name: familySet(setNoEndpointServices, f), Key: addrProtoPortKey, Map: true, Comment: "frontends without usable endpoints"},
-			&Set{Name: familySet(setNoEndpointNodePorts, f), Key: KeyProtoPort, Map: true, Comment: "NodePorts without usable endpoints"},
+			&Set{Name: familySet(setNoEndpointServices, f), Key: addrProtoPortKey, Data: DataVerdict, Comment: "frontends without usable endpoints"},
+			&Set{Name: familySet(setNoEndpointNodePorts, f), Key: KeyProtoPort, Data: DataVerdict, Comment: "NodePorts without usable endpoints"},
 			&Set{Name: familySet(setClusterIPs, f), Key: addrKey, Comment: "ClusterIPs: ports they do not serve are rejected"},
+			&Set{Name: familySet(setHairpin, f), Key: pairKey, Comment: "endpoint to itself: hairpin traffic, masqueraded"},
 		)
+		for shard := range uint32(endpointMapShards) {
+			b.Sets = append(b.Sets, &Set{Name: endpointShardName(f, shard), Key: KeyIndex, Data: endpointData,
+				Comment: "endpoints of Service ports, a run of indexes each"})
+		}
+		hairpin = append(hairpin, Rule{Stmts: []Stmt{MatchAddrPairSet{Family: f, Set: familySet(setHairpin, f)}, Masquerade{}}, Comment: "hairpin"})
 		onNodePortIP := MatchAddrSet{Field: Daddr, Family: f, Set: familySet(setNodePortIPs, f)}
 		services = append(services,
 			Rule{Stmts: []Stmt{VmapLookup{Key: addrProtoPortKey, Map: familySet(setServiceIPs, f)}}},
@@ -187,12 +193,11 @@ func buildBase(s *settings) *Base {
 		{Name: chainServiceEndpointsCheck, Rules: svcCheck},
 		{Name: chainNodePortEndpointsCheck, Rules: nodePortCheck},
 		{Name: chainClusterIPsCheck, Rules: clusterIPsCheck},
-		{Name: chainMarkForMasquerade, Rules: []Rule{{Stmts: []Stmt{SetMarkBits{s.markBit}}}}},
-		{Name: chainMasquerading, Rules: []Rule{
-			{Stmts: []Stmt{MatchMarkUnset{s.markBit}, VerdictStmt{Verdict{Kind: VerdictReturn}}}},
-			{Stmts: []Stmt{ClearMarkBits{s.markBit}}},
-			{Stmts: []Stmt{Masquerade{}}},
-		}},
+		{Name: chainMasquerading, Rules: append(hairpin,
+			Rule{Stmts: []Stmt{MatchMarkUnset{s.markBit}, VerdictStmt{Verdict{Kind: VerdictReturn}}}},
+			Rule{Stmts: []Stmt{ClearMarkBits{s.markBit}}},
+			Rule{Stmts: []Stmt{Masquerade{}}},
+		)},
 		{Name: chainRejectPacket, Rules: []Rule{
 			{Stmts: []Stmt{MatchL4Proto{TCP}, Reject{TCPReset: true}}},
 			{Stmts: []Stmt{Reject{}}},

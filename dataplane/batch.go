@@ -2,7 +2,9 @@ package dataplane
 
 import (
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
+	"slices"
 
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
@@ -194,22 +196,15 @@ func (b *batch) flushChain(name string) {
 	b.end()
 }
 
-// addRules appends a chain's rules, creating first the anonymous maps
-// their numgen statements look up.
+// addRules appends a chain's rules.
 func (b *batch) addRules(c *Chain) {
 	for _, r := range c.Rules {
-		var setID uint32
-		for _, s := range r.Stmts {
-			if ng, ok := s.(NumgenVmap); ok {
-				setID = b.addNumgenMap(c.Name, ng)
-			}
-		}
 		b.msg(unix.NFT_MSG_NEWRULE, unix.NLM_F_CREATE|unix.NLM_F_APPEND, "add rule to chain", c.Name)
 		b.str(unix.NFTA_RULE_TABLE, TableName)
 		b.str(unix.NFTA_RULE_CHAIN, c.Name)
 		exprsOff := b.nest(unix.NFTA_RULE_EXPRESSIONS)
 		for _, s := range r.Stmts {
-			exprs, err := stmtExprs(s, setID)
+			exprs, err := stmtExprs(s)
 			if err != nil && b.err == nil {
 				b.err = fmt.Errorf("chain %s: %w", c.Name, err)
 			}
@@ -242,6 +237,33 @@ var keyLayouts = map[KeyType]struct {
 	KeyAddr4ProtoPort: {7<<12 | 12<<6 | 13, 12},
 	KeyAddr6ProtoPort: {8<<12 | 12<<6 | 13, 24},
 	KeyProtoPort:      {12<<6 | 13, 8},
+	KeyIndex:          {4, 4}, // integer, in host byte order as numgen makes it
+	KeyAddr4Pair:      {7<<6 | 7, 8},
+	KeyAddr6Pair:      {8<<6 | 8, 32},
+}
+
+// Endpoint maps map an index to an address and port.
+var dataLayouts = map[DataType]struct{ typ, len uint32 }{
+	DataVerdict:   {nftDataVerdict, 0},
+	DataEndpoint4: {7<<6 | 13, 8},
+	DataEndpoint6: {8<<6 | 13, 20},
+}
+
+// endpointMapUserdata is the set userdata nft writes for `typeof numgen
+// random mod 1 : ip daddr . tcp dport` (and ip6): with it, nft prints
+// the endpoint maps by expression, as their key has no type name of its
+// own. Captured from nft 1.0.6.
+var endpointMapUserdata = map[DataType][]byte{
+	DataEndpoint4: mustHex("000401000000010400000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c000408000000010402000000060400000000"),
+	DataEndpoint6: mustHex("000401000000010400000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c000408000000010402000000060400000000"),
+}
+
+func mustHex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		panic(err)
+	}
+	return b
 }
 
 const (
@@ -255,20 +277,25 @@ func (b *batch) addSet(s *Set) {
 	b.str(unix.NFTA_SET_TABLE, TableName)
 	b.str(unix.NFTA_SET_NAME, s.Name)
 	flags := uint32(0)
-	if s.Map {
+	if s.Data != DataNone {
 		flags |= unix.NFT_SET_MAP
 	}
 	b.u32(unix.NFTA_SET_FLAGS, flags)
 	layout := keyLayouts[s.Key]
 	b.u32(unix.NFTA_SET_KEY_TYPE, layout.typ)
 	b.u32(unix.NFTA_SET_KEY_LEN, layout.len)
-	if s.Map {
-		b.u32(unix.NFTA_SET_DATA_TYPE, nftDataVerdict)
-		b.u32(unix.NFTA_SET_DATA_LEN, 0)
+	if s.Data != DataNone {
+		data := dataLayouts[s.Data]
+		b.u32(unix.NFTA_SET_DATA_TYPE, data.typ)
+		b.u32(unix.NFTA_SET_DATA_LEN, data.len)
 	}
 	b.setID++
 	b.u32(unix.NFTA_SET_ID, b.setID)
-	ud := userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_KEYBYTEORDER, byteOrderBig)
+	ud := endpointMapUserdata[s.Data]
+	if ud == nil {
+		ud = userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_KEYBYTEORDER, byteOrderBig)
+	}
+	ud = slices.Clone(ud)
 	if s.Comment != "" {
 		ud = userdata.AppendString(ud, userdata.NFTNL_UDATA_SET_COMMENT, s.Comment)
 	}
@@ -283,75 +310,42 @@ func (b *batch) delSet(name string) {
 	b.end()
 }
 
-// addNumgenMap creates the constant anonymous map a numgen statement
-// looks up (0..N-1 to goto endpoint chain) and returns its batch ID.
-func (b *batch) addNumgenMap(chain string, ng NumgenVmap) uint32 {
-	b.setID++
-	id := b.setID
-	b.msg(unix.NFT_MSG_NEWSET, unix.NLM_F_CREATE, "add endpoint map of chain", chain)
-	b.str(unix.NFTA_SET_TABLE, TableName)
-	b.str(unix.NFTA_SET_NAME, anonymousMapName)
-	b.u32(unix.NFTA_SET_FLAGS, unix.NFT_SET_ANONYMOUS|unix.NFT_SET_CONSTANT|unix.NFT_SET_MAP)
-	b.u32(unix.NFTA_SET_KEY_TYPE, 4) // integer
-	b.u32(unix.NFTA_SET_KEY_LEN, 4)
-	b.u32(unix.NFTA_SET_DATA_TYPE, nftDataVerdict)
-	b.u32(unix.NFTA_SET_DATA_LEN, 0)
-	b.u32(unix.NFTA_SET_ID, id)
-	desc := b.nest(unix.NFTA_SET_DESC)
-	b.u32(unix.NFTA_SET_DESC_SIZE, uint32(len(ng.Targets)))
-	b.unnest(desc)
-	b.attr(unix.NFTA_SET_USERDATA, userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_KEYBYTEORDER, byteOrderHost))
-	b.end()
-
-	for start := 0; start < len(ng.Targets); start += maxElementsPerMessage {
-		end := min(start+maxElementsPerMessage, len(ng.Targets))
-		b.msg(unix.NFT_MSG_NEWSETELEM, unix.NLM_F_CREATE, "add endpoint map elements of chain", chain)
-		b.str(unix.NFTA_SET_ELEM_LIST_TABLE, TableName)
-		b.str(unix.NFTA_SET_ELEM_LIST_SET, anonymousMapName)
-		b.u32(unix.NFTA_SET_ELEM_LIST_SET_ID, id)
-		list := b.nest(unix.NFTA_SET_ELEM_LIST_ELEMENTS)
-		for i := start; i < end; i++ {
-			var key [4]byte
-			binary.NativeEndian.PutUint32(key[:], uint32(i))
-			b.element(key[:], Goto(ng.Targets[i]), "")
-		}
-		b.unnest(list)
-		b.end()
-	}
-	return id
-}
-
 // setElements adds or deletes elements of one named set or map, as many
 // messages as the element count needs.
-func (b *batch) setElements(add bool, set string, key KeyType, elements []Element) {
+func (b *batch) setElements(add bool, set *Set, elements []Element) {
 	typ, flags, verb := uint16(unix.NFT_MSG_NEWSETELEM), uint16(unix.NLM_F_CREATE), "add elements to"
 	if !add {
 		typ, flags, verb = unix.NFT_MSG_DELSETELEM, 0, "delete elements from"
 	}
 	for start := 0; start < len(elements); start += maxElementsPerMessage {
 		end := min(start+maxElementsPerMessage, len(elements))
-		b.msg(typ, flags, verb, set)
+		b.msg(typ, flags, verb, set.Name)
 		b.str(unix.NFTA_SET_ELEM_LIST_TABLE, TableName)
-		b.str(unix.NFTA_SET_ELEM_LIST_SET, set)
+		b.str(unix.NFTA_SET_ELEM_LIST_SET, set.Name)
 		list := b.nest(unix.NFTA_SET_ELEM_LIST_ELEMENTS)
 		for _, e := range elements[start:end] {
-			comment := e.Comment
-			if !add {
-				comment = ""
-			}
-			b.element(encodeKey(key, e.Key), e.Verdict, comment)
+			b.element(set, e, add)
 		}
 		b.unnest(list)
 		b.end()
 	}
 }
 
-func (b *batch) element(key []byte, v Verdict, comment string) {
+// element encodes one element; a deletion needs only the key.
+func (b *batch) element(set *Set, e Element, add bool) {
 	elem := b.nest(unix.NFTA_LIST_ELEM)
 	k := b.nest(unix.NFTA_SET_ELEM_KEY)
-	b.attr(unix.NFTA_DATA_VALUE, key)
+	b.attr(unix.NFTA_DATA_VALUE, encodeKey(set.Key, e.Key))
 	b.unnest(k)
-	if v.Kind != VerdictNone {
+	v, comment := e.Verdict, e.Comment
+	switch {
+	case !add:
+	case set.Data == DataEndpoint4 || set.Data == DataEndpoint6:
+		data := b.nest(unix.NFTA_SET_ELEM_DATA)
+		port := e.Target.Port()
+		b.attr(unix.NFTA_DATA_VALUE, append(e.Target.Addr().AsSlice(), byte(port>>8), byte(port), 0, 0))
+		b.unnest(data)
+	case set.Data == DataVerdict:
 		data := b.nest(unix.NFTA_SET_ELEM_DATA)
 		verdict := b.nest(unix.NFTA_DATA_VERDICT)
 		b.u32(unix.NFTA_VERDICT_CODE, uint32(int32(verdictExpr(v).Kind)))
@@ -361,7 +355,7 @@ func (b *batch) element(key []byte, v Verdict, comment string) {
 		b.unnest(verdict)
 		b.unnest(data)
 	}
-	if comment != "" {
+	if add && comment != "" {
 		b.attr(unix.NFTA_SET_ELEM_USERDATA, userdata.AppendString(nil, userdata.NFTNL_UDATA_SET_ELEM_COMMENT, comment))
 	}
 	b.unnest(elem)
@@ -373,6 +367,10 @@ func encodeKey(t KeyType, k Key) []byte {
 	switch t {
 	case KeyAddr4, KeyAddr6:
 		return append(out, k.Addr.AsSlice()...)
+	case KeyAddr4Pair, KeyAddr6Pair:
+		return append(append(out, k.Addr.AsSlice()...), k.Addr2.AsSlice()...)
+	case KeyIndex:
+		return binary.NativeEndian.AppendUint32(out, k.Index)
 	case KeyAddr4ProtoPort, KeyAddr6ProtoPort:
 		out = append(out, k.Addr.AsSlice()...)
 	}

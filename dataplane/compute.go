@@ -26,14 +26,18 @@ type Computer struct {
 	memo     map[types.NamespacedName]*memo
 	// claims holds, per contested key, every Service that wants it, best
 	// first; the first one gets the element.
-	claims map[claimKey][]claimant
-	rules  map[types.NamespacedName]*ServiceRules
+	claims  map[claimKey][]claimant
+	rules   map[types.NamespacedName]*ServiceRules
+	// indexes allocates runs in each endpoint map.
+	indexes map[string]*indexAllocator
 }
 
 type memo struct {
 	svc    any // the *corev1.Service, compared by identity
 	slices []any
 	frag   *fragment
+	// runs are the endpoint-map indexes each service chain holds.
+	runs map[string]indexRun
 }
 
 type claimKey struct {
@@ -73,16 +77,36 @@ func (c *Computer) Compute(snap *Snapshot) *Ruleset {
 		c.memo = map[types.NamespacedName]*memo{}
 		c.claims = map[claimKey][]claimant{}
 		c.rules = map[types.NamespacedName]*ServiceRules{}
+		c.indexes = map[string]*indexAllocator{}
 	}
 
-	dirty := map[types.NamespacedName]bool{}
+	var changed []types.NamespacedName
 	for key, st := range snap.Services {
-		old := c.memo[key]
-		if old != nil && old.matches(st) {
-			continue
+		if old := c.memo[key]; old == nil || !old.matches(st) {
+			changed = append(changed, key)
 		}
-		m := newMemo(st, computeService(key, st, c.settings))
+	}
+	// In a fixed order, so that index allocation is deterministic.
+	slices.SortFunc(changed, compareNames)
+	dirty := map[types.NamespacedName]bool{}
+	for _, key := range changed {
+		st := snap.Services[key]
+		old := c.memo[key]
+		m := newMemo(st)
+		m.frag = computeService(key, st, c.settings, func(endpointMap, chain string, n int) uint32 {
+			r, ok := old.run(chain)
+			if !ok || r.size < uint32(n) {
+				r = c.allocator(endpointMap).alloc(endpointMap, uint32(n))
+			}
+			m.runs[chain] = r
+			return r.offset
+		})
 		if old != nil {
+			for chain, r := range old.runs {
+				if m.runs[chain] != r {
+					c.allocator(r.set).release(r)
+				}
+			}
 			c.unclaim(key, old.frag, dirty)
 		}
 		c.claim(key, m.frag, dirty)
@@ -93,6 +117,9 @@ func (c *Computer) Compute(snap *Snapshot) *Ruleset {
 	if len(c.memo) > len(snap.Services) {
 		for key, m := range c.memo {
 			if _, ok := snap.Services[key]; !ok {
+				for _, r := range m.runs {
+					c.allocator(r.set).release(r)
+				}
 				c.unclaim(key, m.frag, dirty)
 				delete(c.memo, key)
 				dirty[key] = true
@@ -114,12 +141,29 @@ func (c *Computer) Compute(snap *Snapshot) *Ruleset {
 	return &Ruleset{Base: c.base, Services: c.rules}
 }
 
-func newMemo(st ServiceState, frag *fragment) *memo {
-	m := &memo{svc: st.Service, frag: frag, slices: make([]any, len(st.Slices))}
+func (c *Computer) allocator(endpointMap string) *indexAllocator {
+	a := c.indexes[endpointMap]
+	if a == nil {
+		a = &indexAllocator{}
+		c.indexes[endpointMap] = a
+	}
+	return a
+}
+
+func newMemo(st ServiceState) *memo {
+	m := &memo{svc: st.Service, slices: make([]any, len(st.Slices)), runs: map[string]indexRun{}}
 	for i, sl := range st.Slices {
 		m.slices[i] = sl
 	}
 	return m
+}
+
+func (m *memo) run(chain string) (indexRun, bool) {
+	if m == nil {
+		return indexRun{}, false
+	}
+	r, ok := m.runs[chain]
+	return r, ok
 }
 
 func (m *memo) matches(st ServiceState) bool {
@@ -182,7 +226,7 @@ func markAll(list []claimant, dirty map[types.NamespacedName]bool) {
 // resolve builds a Service's rules from its fragment, keeping the claims
 // it wins and reporting those another Service holds.
 func (c *Computer) resolve(svc types.NamespacedName, fr *fragment) *ServiceRules {
-	r := &ServiceRules{Chains: fr.chains, Problems: slices.Clone(fr.problems)}
+	r := &ServiceRules{Chains: fr.chains, Elements: slices.Clone(fr.owned), Problems: slices.Clone(fr.problems)}
 	seen := map[claimKey]bool{}
 	for _, cl := range fr.claims {
 		k := claimKey{cl.group, cl.Key}
@@ -217,6 +261,12 @@ func compareKeys(a, b Key) int {
 	if c := a.Addr.Compare(b.Addr); c != 0 {
 		return c
 	}
+	if c := a.Addr2.Compare(b.Addr2); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.Index, b.Index); c != 0 {
+		return c
+	}
 	if c := cmp.Compare(a.Proto, b.Proto); c != 0 {
 		return c
 	}
@@ -238,11 +288,50 @@ func (r *Ruleset) Problems() []string {
 // ServiceKeys returns the Services of the ruleset, sorted.
 func (r *Ruleset) ServiceKeys() []types.NamespacedName {
 	keys := slices.Collect(maps.Keys(r.Services))
-	slices.SortFunc(keys, func(a, b types.NamespacedName) int {
-		if c := cmp.Compare(a.Namespace, b.Namespace); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.Name, b.Name)
-	})
+	slices.SortFunc(keys, compareNames)
 	return keys
+}
+
+func compareNames(a, b types.NamespacedName) int {
+	if c := cmp.Compare(a.Namespace, b.Namespace); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Name, b.Name)
+}
+
+// indexRun is a run of indexes in an endpoint map held by one service chain.
+type indexRun struct {
+	set          string
+	offset, size uint32
+}
+
+// indexAllocator hands out runs of endpoint-map indexes, sized in powers of
+// two so that a run freed by one Service port fits the next of its size
+// class, and a port whose endpoints change keeps its run (and so its
+// rule) unless it outgrows it.
+type indexAllocator struct {
+	next uint32
+	free map[uint32][]uint32 // offsets of free runs, by size
+}
+
+func (a *indexAllocator) alloc(set string, n uint32) indexRun {
+	size := uint32(1)
+	for size < n {
+		size <<= 1
+	}
+	if list := a.free[size]; len(list) > 0 {
+		off := list[len(list)-1]
+		a.free[size] = list[:len(list)-1]
+		return indexRun{set, off, size}
+	}
+	r := indexRun{set, a.next, size}
+	a.next += size
+	return r
+}
+
+func (a *indexAllocator) release(r indexRun) {
+	if a.free == nil {
+		a.free = map[uint32][]uint32{}
+	}
+	a.free[r.size] = append(a.free[r.size], r.offset)
 }

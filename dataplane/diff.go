@@ -35,7 +35,7 @@ func writeReplace(b *batch, rs *Ruleset) {
 		}
 	}
 	for _, s := range rs.Base.Sets {
-		b.setElements(true, s.Name, s.Key, elements[s.Name])
+		b.setElements(true, s, elements[s.Name])
 	}
 }
 
@@ -97,7 +97,7 @@ func sameDeclarations(a, b *Base) bool {
 	}
 	for i := range a.Sets {
 		x, y := a.Sets[i], b.Sets[i]
-		if x.Name != y.Name || x.Key != y.Key || x.Map != y.Map || x.Comment != y.Comment {
+		if x.Name != y.Name || x.Key != y.Key || x.Data != y.Data || x.Comment != y.Comment {
 			return false
 		}
 	}
@@ -181,10 +181,10 @@ func writeChanges(b *batch, c *changes, sets []*Set) {
 		b.addRules(ch)
 	}
 	for _, s := range sets {
-		b.setElements(false, s.Name, s.Key, c.removedElements[s.Name])
+		b.setElements(false, s, c.removedElements[s.Name])
 	}
 	for _, s := range sets {
-		b.setElements(true, s.Name, s.Key, c.addedElements[s.Name])
+		b.setElements(true, s, c.addedElements[s.Name])
 	}
 	for _, ch := range c.removedChains {
 		b.flushChain(ch.Name)

@@ -1,7 +1,6 @@
 package dataplane
 
 import (
-	"encoding/binary"
 	"fmt"
 
 	"github.com/google/nftables/binaryutil"
@@ -81,9 +80,8 @@ func verdictExpr(v Verdict) *expr.Verdict {
 
 // stmtExprs encodes one statement as the expressions nft itself would
 // generate for it, so that `nft list` prints our rules back as the text
-// in text.go. NumgenVmap's lookup refers to the anonymous map setID,
-// which the caller creates in the same batch.
-func stmtExprs(s Stmt, setID uint32) ([]expr.Any, error) {
+// in text.go.
+func stmtExprs(s Stmt) ([]expr.Any, error) {
 	switch s := s.(type) {
 	case MatchCtStateNew:
 		return []expr.Any{
@@ -150,10 +148,18 @@ func stmtExprs(s Stmt, setID uint32) ([]expr.Any, error) {
 			return nil, fmt.Errorf("vmap lookup with key type %d", s.Key)
 		}
 		return append(out, &expr.Lookup{SourceRegister: reg1, DestRegister: regVerdict, IsDestRegSet: true, SetName: s.Map}), nil
-	case NumgenVmap:
+	case MatchAddrPairSet:
+		return append(matchFamily(s.Family), loadAddr(s.Family, Saddr, reg1),
+			loadAddr(s.Family, Daddr, reg32First+addrLen(s.Family)/4),
+			&expr.Lookup{SourceRegister: reg1, SetName: s.Set}), nil
+	case DNATRandom:
+		// The map's value is address then port, so the port lands in the
+		// 32-bit register after the address.
 		return []expr.Any{
-			&expr.Numgen{Register: reg1, Modulus: uint32(len(s.Targets)), Type: unix.NFT_NG_RANDOM},
-			&expr.Lookup{SourceRegister: reg1, DestRegister: regVerdict, IsDestRegSet: true, SetName: anonymousMapName, SetID: setID},
+			&expr.Numgen{Register: reg1, Modulus: s.Count, Offset: s.Offset, Type: unix.NFT_NG_RANDOM},
+			&expr.Lookup{SourceRegister: reg1, DestRegister: reg1, IsDestRegSet: true, SetName: s.Map},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(s.Family)), RegAddrMin: reg1,
+				RegProtoMin: reg32First + addrLen(s.Family)/4},
 		}, nil
 	case SetMarkBits:
 		return markExprs(^s.Bits, s.Bits), nil
@@ -161,15 +167,6 @@ func stmtExprs(s Stmt, setID uint32) ([]expr.Any, error) {
 		return markExprs(0xffffffff, s.Bits), nil
 	case Masquerade:
 		return []expr.Any{&expr.Masq{FullyRandom: true}}, nil
-	case DNAT:
-		f := familyOf(s.To.Addr())
-		port := make([]byte, 2)
-		binary.BigEndian.PutUint16(port, s.To.Port())
-		return []expr.Any{
-			&expr.Immediate{Register: reg1, Data: s.To.Addr().AsSlice()},
-			&expr.Immediate{Register: reg2, Data: port},
-			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(f)), RegAddrMin: reg1, RegProtoMin: reg2, Specified: true},
-		}, nil
 	case Reject:
 		if s.TCPReset {
 			return []expr.Any{&expr.Reject{Type: unix.NFT_REJECT_TCP_RST}}, nil
@@ -190,6 +187,3 @@ func markExprs(and, xor uint32) []expr.Any {
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: reg1},
 	}
 }
-
-// anonymousMapName asks the kernel to name an anonymous map itself.
-const anonymousMapName = "__map%d"

@@ -89,11 +89,11 @@ type ServiceRules struct {
 	Problems []string
 }
 
-// Set declares a named set or verdict map of the table.
+// Set declares a named set or map of the table.
 type Set struct {
 	Name    string
 	Key     KeyType
-	Map     bool // a verdict map rather than a set
+	Data    DataType // DataNone for a plain set
 	Comment string
 	// Elements are the static ones, for sets of the Base.
 	Elements []Element
@@ -112,13 +112,30 @@ const (
 	KeyAddr6ProtoPort
 	// KeyProtoPort: l4 protocol and destination port (a NodePort).
 	KeyProtoPort
+	// KeyIndex: a number drawn by numgen, indexing the endpoint maps.
+	KeyIndex
+	// KeyAddr4Pair and KeyAddr6Pair: source and destination address.
+	KeyAddr4Pair
+	KeyAddr6Pair
+)
+
+// DataType is what a map maps to.
+type DataType uint8
+
+const (
+	DataNone DataType = iota
+	DataVerdict
+	// DataEndpoint4 and DataEndpoint6: an address and port to DNAT to.
+	DataEndpoint4
+	DataEndpoint6
 )
 
 // Element is one member of a set or map.
 type Element struct {
 	Set     string
 	Key     Key
-	Verdict Verdict // zero for plain sets
+	Verdict Verdict        // for verdict maps
+	Target  netip.AddrPort // for endpoint maps
 	Comment string
 }
 
@@ -126,8 +143,10 @@ type Element struct {
 // set's KeyType.
 type Key struct {
 	Addr  netip.Addr
+	Addr2 netip.Addr // the second address of a pair
 	Proto Protocol
 	Port  uint16
+	Index uint32
 }
 
 // VerdictKind is what a verdict does.
@@ -245,9 +264,25 @@ type VmapLookup struct {
 	Map string
 }
 
-// NumgenVmap picks one of Targets at random (numgen random mod N) and
-// goes to that chain.
-type NumgenVmap struct{ Targets []string }
+// MatchAddrPairSet matches (source address, destination address) against
+// a named set of pairs.
+type MatchAddrPairSet struct {
+	Family Family
+	Set    string
+}
+
+// DNATRandom DNATs to an endpoint drawn at random: numgen random mod
+// Count, plus Offset, indexes the family's endpoint map, whose elements
+// Offset..Offset+Count-1 are this Service port's endpoints. One map for
+// all Services keeps the kernel's per-transaction work flat (the kernel
+// looks sets up by walking a list, so a set per Service would make every
+// write cost time in proportion to the number of Services).
+type DNATRandom struct {
+	Family Family
+	Count  uint32
+	Offset uint32
+	Map    string
+}
 
 // SetMarkBits ORs Bits into the packet mark.
 type SetMarkBits struct{ Bits uint32 }
@@ -258,9 +293,6 @@ type ClearMarkBits struct{ Bits uint32 }
 
 // Masquerade source-NATs to the address of the outgoing interface.
 type Masquerade struct{}
-
-// DNAT rewrites the destination to an endpoint.
-type DNAT struct{ To netip.AddrPort }
 
 // Reject answers with a TCP reset (TCP) or ICMP port unreachable.
 type Reject struct{ TCPReset bool }
@@ -275,10 +307,10 @@ func (MatchIifnamePrefix) isStmt() {}
 func (MatchL4Proto) isStmt()       {}
 func (MatchMarkUnset) isStmt()     {}
 func (VmapLookup) isStmt()         {}
-func (NumgenVmap) isStmt()         {}
+func (MatchAddrPairSet) isStmt()   {}
+func (DNATRandom) isStmt()         {}
 func (SetMarkBits) isStmt()        {}
 func (ClearMarkBits) isStmt()      {}
 func (Masquerade) isStmt()         {}
-func (DNAT) isStmt()               {}
 func (Reject) isStmt()             {}
 func (VerdictStmt) isStmt()        {}

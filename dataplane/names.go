@@ -2,8 +2,7 @@ package dataplane
 
 import (
 	"fmt"
-	"net/netip"
-	"strings"
+	"hash/fnv"
 
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -17,6 +16,8 @@ const (
 	setNoEndpointServices  = "no-endpoint-services"
 	setNoEndpointNodePorts = "no-endpoint-nodeports"
 	setClusterIPs          = "cluster-ips"
+	setEndpoints           = "endpoints"
+	setHairpin             = "hairpin"
 
 	chainNATPrerouting          = "nat-prerouting"
 	chainNATOutput              = "nat-output"
@@ -29,12 +30,30 @@ const (
 	chainServiceEndpointsCheck  = "service-endpoints-check"
 	chainNodePortEndpointsCheck = "nodeport-endpoints-check"
 	chainClusterIPsCheck        = "cluster-ips-check"
-	chainMarkForMasquerade      = "mark-for-masquerade"
 	chainMasquerading           = "masquerading"
 	chainRejectPacket           = "reject-packet"
 )
 
 func familySet(name string, f Family) string { return name + f.Suffix() }
+
+// endpointMapShards is how many endpoint maps each family has. The kernel
+// checks every rule that uses a map each time an element is added to it,
+// so one map for all Services would make each endpoint written cost time
+// in proportion to the number of Services; with 64 maps, a Service port's
+// rule is one of ~800 users of its map at 50,000 Services.
+const endpointMapShards = 64
+
+// endpointMapName is the endpoint map a service chain's indexes live in,
+// chosen by a hash of the chain's name so it is stable for the chain's life.
+func endpointMapName(f Family, chain string) string {
+	h := fnv.New32a()
+	h.Write([]byte(chain))
+	return endpointShardName(f, h.Sum32()%endpointMapShards)
+}
+
+func endpointShardName(f Family, shard uint32) string {
+	return fmt.Sprintf("%s%s-%02x", setEndpoints, f.Suffix(), shard)
+}
 
 // servicePortID is the readable part of the chains of one Service port:
 // "namespace/name/tcp/80". Service ports are unique by (protocol, port).
@@ -48,13 +67,6 @@ func serviceChainName(f Family, portID string) string { return "svc" + f.Suffix(
 // externalChainName is the chain external frontends (NodePort, externalIPs,
 // LoadBalancer IPs) of a Service port go through before the service chain.
 func externalChainName(f Family, portID string) string { return "ext" + f.Suffix() + "-" + portID }
-
-// endpointChainName is the chain that DNATs to one endpoint of a Service
-// port. IPv6 colons become dots so the name needs no quoting in nft.
-func endpointChainName(f Family, portID string, ep netip.AddrPort) string {
-	addr := strings.ReplaceAll(ep.Addr().String(), ":", ".")
-	return fmt.Sprintf("ep%s-%s__%s/%d", f.Suffix(), portID, addr, ep.Port())
-}
 
 // frontendComment labels elements of a Service port: "namespace/name:port",
 // with the port's name when it has one.

@@ -44,10 +44,17 @@ type claim struct {
 // fragment is what one Service computes to before its claims are weighed
 // against other Services'.
 type fragment struct {
-	chains   []*Chain
-	claims   []claim
+	chains []*Chain
+	claims []claim
+	// owned are elements no other Service can want: its endpoint map
+	// entries, at indexes allocated to it alone.
+	owned    []Element
 	problems []string
 }
+
+// indexSource hands a Service port's chain a run of n indexes in the
+// endpoint map named endpointMap and returns the first.
+type indexSource func(endpointMap, chain string, n int) uint32
 
 // proxied says whether nftproxy handles the Service at all.
 func proxied(svc *corev1.Service) bool {
@@ -176,7 +183,7 @@ func parseProtocol(p corev1.Protocol) (Protocol, bool) {
 // computeService turns one Service and its slices into its chains and
 // claims. It never fails: what cannot be programmed is left out and named
 // in the fragment's problems.
-func computeService(key types.NamespacedName, st ServiceState, s *settings) *fragment {
+func computeService(key types.NamespacedName, st ServiceState, s *settings, indexes indexSource) *fragment {
 	fr := &fragment{}
 	svc := st.Service
 	if !proxied(svc) {
@@ -251,7 +258,7 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings) *fra
 			group:   familySet(setClusterIPs, f), rank: rankAllocated,
 		})
 		for _, port := range ports {
-			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s)
+			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s, indexes)
 		}
 	}
 	slices.SortFunc(fr.chains, func(a, b *Chain) int { return cmp.Compare(a.Name, b.Name) })
@@ -300,7 +307,7 @@ func (fr *fragment) problem(format string, args ...any) {
 // go to the port's chains when it has usable endpoints, and to the
 // no-endpoint maps (which reject) when it has none.
 func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip.Addr, external []externalAddr,
-	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings) {
+	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings, indexes indexSource) {
 	portID := servicePortID(key, proto, port.Port)
 	comment := frontendComment(key, port.Name, port.Port)
 	eps := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
@@ -312,7 +319,7 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 		ipMap, nodePortMap = familySet(setNoEndpointServices, f), familySet(setNoEndpointNodePorts, f)
 		clusterTarget, externalTarget = Goto(chainRejectPacket), Goto(chainRejectPacket)
 	} else {
-		fr.addPortChains(f, portID, proto, eps, s)
+		fr.addPortChains(f, portID, comment, proto, eps, s, indexes)
 	}
 	hasExternal := false
 
@@ -339,38 +346,41 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 		// Traffic that arrives on an external frontend is masqueraded so
 		// that replies come back through this node.
 		fr.chains = append(fr.chains, &Chain{Name: externalChainName(f, portID), Rules: []Rule{
-			{Stmts: []Stmt{VerdictStmt{Jump(chainMarkForMasquerade)}}, Comment: "external traffic"},
+			{Stmts: []Stmt{SetMarkBits{s.markBit}}, Comment: "external traffic"},
 			{Stmts: []Stmt{VerdictStmt{Goto(serviceChainName(f, portID))}}},
 		}})
 	}
 }
 
-// addPortChains adds the service chain of a port (masquerade what comes
-// from outside the cluster, then pick an endpoint at random) and one
-// chain per endpoint (masquerade hairpin traffic, DNAT).
-func (fr *fragment) addPortChains(f Family, portID string, proto Protocol, eps []netip.AddrPort, s *settings) {
+// addPortChains adds the service chain of a port: masquerade what comes
+// from outside the cluster, then DNAT to an endpoint drawn at random from
+// the port's run of the endpoint map. Endpoints also enter the hairpin
+// set, so a pod reaching itself through the Service is masqueraded.
+func (fr *fragment) addPortChains(f Family, portID, comment string, proto Protocol, eps []netip.AddrPort, s *settings, indexes indexSource) {
 	var rules []Rule
 	markRule := Rule{Comment: "ClusterIP traffic from outside the cluster"}
 	switch {
 	case s.masqAll:
-		markRule.Stmts = []Stmt{VerdictStmt{Jump(chainMarkForMasquerade)}}
+		markRule.Stmts = []Stmt{SetMarkBits{s.markBit}}
 		markRule.Comment = "masqueradeAll"
 	case s.localIfPrefix != "":
-		markRule.Stmts = []Stmt{MatchIifnamePrefix{Prefix: s.localIfPrefix, Negate: true}, VerdictStmt{Jump(chainMarkForMasquerade)}}
+		markRule.Stmts = []Stmt{MatchIifnamePrefix{Prefix: s.localIfPrefix, Negate: true}, SetMarkBits{s.markBit}}
 	case s.localCIDRs[f].IsValid():
-		markRule.Stmts = []Stmt{MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f], Negate: true}, VerdictStmt{Jump(chainMarkForMasquerade)}}
+		markRule.Stmts = []Stmt{MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f], Negate: true}, SetMarkBits{s.markBit}}
 	}
 	if markRule.Stmts != nil {
 		rules = append(rules, markRule)
 	}
-	targets := make([]string, len(eps))
+	chain := serviceChainName(f, portID)
+	endpoints := endpointMapName(f, chain)
+	offset := indexes(endpoints, chain, len(eps))
 	for i, ep := range eps {
-		targets[i] = endpointChainName(f, portID, ep)
-		fr.chains = append(fr.chains, &Chain{Name: targets[i], Rules: []Rule{
-			{Stmts: []Stmt{MatchAddr{Field: Saddr, Prefix: netip.PrefixFrom(ep.Addr(), ep.Addr().BitLen())}, VerdictStmt{Jump(chainMarkForMasquerade)}}, Comment: "hairpin"},
-			{Stmts: []Stmt{MatchL4Proto{proto}, DNAT{To: ep}}},
-		}})
+		fr.owned = append(fr.owned, Element{Set: endpoints, Key: Key{Index: offset + uint32(i)}, Target: ep, Comment: comment})
+		fr.claims = append(fr.claims, claim{
+			Element: Element{Set: familySet(setHairpin, f), Key: Key{Addr: ep.Addr(), Addr2: ep.Addr()}},
+			group:   familySet(setHairpin, f), rank: rankAllocated,
+		})
 	}
-	rules = append(rules, Rule{Stmts: []Stmt{NumgenVmap{Targets: targets}}})
-	fr.chains = append(fr.chains, &Chain{Name: serviceChainName(f, portID), Rules: rules})
+	rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATRandom{Family: f, Count: uint32(len(eps)), Offset: offset, Map: endpoints}}})
+	fr.chains = append(fr.chains, &Chain{Name: chain, Rules: rules})
 }

@@ -36,13 +36,16 @@ func (r *Ruleset) String() string {
 }
 
 func writeSet(b *strings.Builder, s *Set, elements []Element) {
-	kind := "set"
-	typ := keyTypeName(s.Key)
-	if s.Map {
-		kind = "map"
-		typ += " : verdict"
+	kind, typ := "set", "type "+keyTypeName(s.Key)
+	switch s.Data {
+	case DataVerdict:
+		kind, typ = "map", typ+" : verdict"
+	case DataEndpoint4:
+		kind, typ = "map", "typeof numgen random mod 1 : ip daddr . tcp dport"
+	case DataEndpoint6:
+		kind, typ = "map", "typeof numgen random mod 1 : ip6 daddr . tcp dport"
 	}
-	fmt.Fprintf(b, "\t%s %s {\n\t\ttype %s\n", kind, s.Name, typ)
+	fmt.Fprintf(b, "\t%s %s {\n\t\t%s\n", kind, s.Name, typ)
 	if s.Comment != "" {
 		fmt.Fprintf(b, "\t\tcomment %q\n", s.Comment)
 	}
@@ -50,8 +53,11 @@ func writeSet(b *strings.Builder, s *Set, elements []Element) {
 		b.WriteString("\t\telements = {\n")
 		for _, e := range elements {
 			fmt.Fprintf(b, "\t\t\t%s", keyString(s.Key, e.Key))
-			if s.Map {
+			switch s.Data {
+			case DataVerdict:
 				fmt.Fprintf(b, " : %s", e.Verdict)
+			case DataEndpoint4, DataEndpoint6:
+				fmt.Fprintf(b, " : %s . %d", e.Target.Addr(), e.Target.Port())
 			}
 			if e.Comment != "" {
 				fmt.Fprintf(b, " comment %q", e.Comment)
@@ -86,8 +92,12 @@ func keyTypeName(k KeyType) string {
 		return "ipv6_addr . inet_proto . inet_service"
 	case KeyProtoPort:
 		return "inet_proto . inet_service"
+	case KeyAddr4Pair:
+		return "ipv4_addr . ipv4_addr"
+	case KeyAddr6Pair:
+		return "ipv6_addr . ipv6_addr"
 	}
-	return "invalid"
+	return "integer"
 }
 
 func keyString(t KeyType, k Key) string {
@@ -98,8 +108,10 @@ func keyString(t KeyType, k Key) string {
 		return fmt.Sprintf("%s . %s . %d", k.Addr, k.Proto, k.Port)
 	case KeyProtoPort:
 		return fmt.Sprintf("%s . %d", k.Proto, k.Port)
+	case KeyAddr4Pair, KeyAddr6Pair:
+		return fmt.Sprintf("%s . %s", k.Addr, k.Addr2)
 	}
-	return "invalid"
+	return fmt.Sprint(k.Index)
 }
 
 func (v Verdict) String() string {
@@ -171,23 +183,24 @@ func stmtString(s Stmt) string {
 		return fmt.Sprintf("meta mark & 0x%08x == 0x00000000", s.Mask)
 	case VmapLookup:
 		return vmapKeyString(s.Key) + " vmap @" + s.Map
-	case NumgenVmap:
-		targets := make([]string, len(s.Targets))
-		for i, t := range s.Targets {
-			targets[i] = fmt.Sprintf("%d : goto %s", i, t)
+	case MatchAddrPairSet:
+		return fmt.Sprintf("%s . %s @%s", addrFieldString(s.Family, Saddr), addrFieldString(s.Family, Daddr), s.Set)
+	case DNATRandom:
+		proto := "ip"
+		if s.Family == IPv6 {
+			proto = "ip6"
 		}
-		return fmt.Sprintf("numgen random mod %d vmap { %s }", len(s.Targets), strings.Join(targets, ", "))
+		offset := ""
+		if s.Offset != 0 {
+			offset = fmt.Sprintf(" offset %d", s.Offset)
+		}
+		return fmt.Sprintf("dnat %s to numgen random mod %d%s map @%s", proto, s.Count, offset, s.Map)
 	case SetMarkBits:
 		return fmt.Sprintf("meta mark set meta mark | 0x%08x", s.Bits)
 	case ClearMarkBits:
 		return fmt.Sprintf("meta mark set meta mark ^ 0x%08x", s.Bits)
 	case Masquerade:
 		return "masquerade fully-random"
-	case DNAT:
-		if s.To.Addr().Is4() {
-			return fmt.Sprintf("dnat ip to %s", s.To)
-		}
-		return fmt.Sprintf("dnat ip6 to %s", s.To)
 	case Reject:
 		if s.TCPReset {
 			return "reject with tcp reset"

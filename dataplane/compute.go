@@ -26,8 +26,8 @@ type Computer struct {
 	memo     map[types.NamespacedName]*memo
 	// claims holds, per contested key, every Service that wants it, best
 	// first; the first one gets the element.
-	claims  map[claimKey][]claimant
-	rules   map[types.NamespacedName]*ServiceRules
+	claims map[claimKey][]claimant
+	rules  map[types.NamespacedName]*ServiceRules
 	// indexes allocates runs in each endpoint map.
 	indexes map[string]*indexAllocator
 }

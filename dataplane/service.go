@@ -235,14 +235,19 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 		proto Protocol
 	}
 	var ports []validPort
+	seenPorts := map[validPort]bool{}
 	for i, port := range svc.Spec.Ports {
 		proto, ok := parseProtocol(port.Protocol)
+		id := validPort{corev1.ServicePort{Port: port.Port}, proto}
 		switch {
 		case !ok:
 			fr.problem("spec.ports[%d].protocol: unknown protocol %q; port skipped", i, port.Protocol)
 		case port.Port <= 0 || port.Port > 65535:
 			fr.problem("spec.ports[%d].port: %d is not a port number; port skipped", i, port.Port)
+		case seenPorts[id]:
+			fr.problem("spec.ports[%d]: port %d/%s is listed twice; skipped", i, port.Port, proto)
 		default:
+			seenPorts[id] = true
 			ports = append(ports, validPort{port, proto})
 		}
 	}

@@ -1,0 +1,268 @@
+package dataplane
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// The tracer walks a Ruleset as the kernel would walk the table, for one
+// packet that starts a connection: which endpoints it can reach and
+// whether it is masqueraded, or whether it is rejected. It evaluates our
+// typed statements, so a test can ask "where does this packet go?"
+// without a kernel.
+
+type packet struct {
+	src, dst netip.Addr
+	proto    Protocol
+	dport    uint16
+	iifname  string
+	local    bool // generated on the node (output hook) rather than arriving
+}
+
+type outcome struct {
+	rejected   bool
+	endpoints  []netip.AddrPort // every endpoint numgen may pick, sorted
+	masquerade bool             // for the first endpoint (hairpin aside, the same for all)
+	hairpin    map[netip.AddrPort]bool
+}
+
+func (o outcome) String() string {
+	if o.rejected {
+		return "rejected"
+	}
+	if len(o.endpoints) == 0 {
+		return "not handled"
+	}
+	var parts []string
+	for _, ep := range o.endpoints {
+		s := ep.String()
+		if o.masquerade || o.hairpin[ep] {
+			s += " (masqueraded)"
+		}
+		parts = append(parts, s)
+	}
+	return strings.Join(parts, ", ")
+}
+
+type tracer struct {
+	rs       *Ruleset
+	chains   map[string]*Chain
+	elements map[string][]Element
+}
+
+func newTracer(rs *Ruleset) *tracer {
+	t := &tracer{rs: rs, chains: map[string]*Chain{}, elements: map[string][]Element{}}
+	for _, c := range allChains(rs) {
+		t.chains[c.Name] = c
+	}
+	for _, s := range rs.Base.Sets {
+		t.elements[s.Name] = append(t.elements[s.Name], s.Elements...)
+	}
+	for _, key := range rs.ServiceKeys() {
+		for _, e := range rs.Services[key].Elements {
+			t.elements[e.Set] = append(t.elements[e.Set], e)
+		}
+	}
+	return t
+}
+
+// state is what evaluation has done to the packet so far.
+type evalState struct {
+	mark     uint32
+	dnat     []netip.AddrPort
+	rejected bool
+}
+
+// trace runs the hooks a new connection meets. Arriving: nat prerouting,
+// then filter forward or input. Generated on the node: filter output
+// before DNAT, nat output, filter output after DNAT (and input when it
+// stays on the node). Then postrouting, for DNATed packets.
+func (t *tracer) trace(p packet) outcome {
+	var st evalState
+	if p.local {
+		t.run(chainFilterOutput, p, &st)
+		if st.rejected {
+			return outcome{rejected: true}
+		}
+	}
+	nat := chainNATPrerouting
+	if p.local {
+		nat = chainNATOutput
+	}
+	t.run(nat, p, &st)
+	if len(st.dnat) == 0 {
+		switch {
+		case p.local:
+			t.run(chainFilterOutputPostDNAT, p, &st)
+			if !st.rejected && t.isNodeAddr(p.dst) {
+				t.run(chainFilterInput, p, &st)
+			}
+		case t.isNodeAddr(p.dst):
+			t.run(chainFilterInput, p, &st)
+		default:
+			t.run(chainFilterForward, p, &st)
+		}
+		return outcome{rejected: st.rejected}
+	}
+	out := outcome{endpoints: st.dnat, hairpin: map[netip.AddrPort]bool{}}
+	for _, ep := range st.dnat {
+		q := p
+		q.dst, q.dport = ep.Addr(), ep.Port()
+		post := evalState{mark: st.mark}
+		masq := t.runPost(q, &post)
+		if ep == st.dnat[0] {
+			out.masquerade = masq && st.mark != 0
+		}
+		if masq && st.mark == 0 {
+			out.hairpin[ep] = true
+		}
+	}
+	return out
+}
+
+func (t *tracer) isNodeAddr(a netip.Addr) bool {
+	for _, e := range t.elements[familySet(setNodePortIPs, familyOf(a))] {
+		if e.Key.Addr == a {
+			return true
+		}
+	}
+	return false
+}
+
+// runPost reports whether postrouting masquerades the DNATed packet.
+func (t *tracer) runPost(p packet, st *evalState) bool {
+	masq := false
+	t.eval(chainNATPostrouting, p, st, &masq)
+	return masq
+}
+
+func (t *tracer) run(chain string, p packet, st *evalState) {
+	var masq bool
+	t.eval(chain, p, st, &masq)
+}
+
+// eval runs a chain; it returns false when a verdict ended evaluation of
+// the hook (goto chains return through their caller's frame as nft does).
+func (t *tracer) eval(chain string, p packet, st *evalState, masq *bool) bool {
+	c, ok := t.chains[chain]
+	if !ok {
+		panic("trace: no chain " + chain)
+	}
+rules:
+	for _, r := range c.Rules {
+		for _, s := range r.Stmts {
+			switch s := s.(type) {
+			case MatchCtStateNew:
+			case MatchAddr:
+				a := p.src
+				if s.Field == Daddr {
+					a = p.dst
+				}
+				if familyOf(a) != familyOf(s.Prefix.Addr()) || s.Prefix.Contains(a) == s.Negate {
+					continue rules
+				}
+			case MatchAddrSet:
+				a := p.src
+				if s.Field == Daddr {
+					a = p.dst
+				}
+				if familyOf(a) != s.Family || !slices.ContainsFunc(t.elements[s.Set], func(e Element) bool { return e.Key.Addr == a }) {
+					continue rules
+				}
+			case MatchAddrPairSet:
+				if familyOf(p.src) != s.Family || !slices.ContainsFunc(t.elements[s.Set], func(e Element) bool {
+					return e.Key.Addr == p.src && e.Key.Addr2 == p.dst
+				}) {
+					continue rules
+				}
+			case MatchIifnamePrefix:
+				if strings.HasPrefix(p.iifname, s.Prefix) == s.Negate {
+					continue rules
+				}
+			case MatchL4Proto:
+				if p.proto != s.Proto {
+					continue rules
+				}
+			case MatchMarkUnset:
+				if st.mark&s.Mask != 0 {
+					continue rules
+				}
+			case VmapLookup:
+				v, found := t.lookupVerdict(s, p)
+				if !found {
+					continue rules
+				}
+				if terminal, next := t.verdict(v, p, st, masq); terminal || !next {
+					return terminal
+				}
+				continue rules
+			case SetMarkBits:
+				st.mark |= s.Bits
+			case ClearMarkBits:
+				st.mark ^= s.Bits
+			case Masquerade:
+				*masq = true
+				return true
+			case DNATRandom:
+				if familyOf(p.dst) != s.Family {
+					continue rules
+				}
+				for i := range s.Count {
+					idx := s.Offset + i
+					j := slices.IndexFunc(t.elements[s.Map], func(e Element) bool { return e.Key.Index == idx })
+					if j < 0 {
+						panic(fmt.Sprintf("trace: %s has no index %d", s.Map, idx))
+					}
+					st.dnat = append(st.dnat, t.elements[s.Map][j].Target)
+				}
+				slices.SortFunc(st.dnat, netip.AddrPort.Compare)
+				return true
+			case Reject:
+				st.rejected = true
+				return true
+			case VerdictStmt:
+				if terminal, next := t.verdict(s.Verdict, p, st, masq); terminal || !next {
+					return terminal
+				}
+				continue rules
+			default:
+				panic(fmt.Sprintf("trace: statement %T", s))
+			}
+		}
+	}
+	return false
+}
+
+func (t *tracer) verdict(v Verdict, p packet, st *evalState, masq *bool) (terminal, next bool) {
+	switch v.Kind {
+	case VerdictJump:
+		return t.eval(v.Chain, p, st, masq), true
+	case VerdictGoto:
+		return t.eval(v.Chain, p, st, masq), false
+	case VerdictReturn:
+		return false, false
+	case VerdictDrop:
+		st.rejected = true
+		return true, false
+	}
+	return true, false
+}
+
+func (t *tracer) lookupVerdict(s VmapLookup, p packet) (Verdict, bool) {
+	for _, e := range t.elements[s.Map] {
+		k := e.Key
+		switch s.Key {
+		case KeyAddr4ProtoPort, KeyAddr6ProtoPort:
+			if k.Addr == p.dst && k.Proto == p.proto && k.Port == p.dport {
+				return e.Verdict, true
+			}
+		case KeyProtoPort:
+			if k.Proto == p.proto && k.Port == p.dport {
+				return e.Verdict, true
+			}
+		}
+	}
+	return Verdict{}, false
+}

@@ -1,0 +1,415 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"os/exec"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+
+	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+)
+
+const kernelTimeout = 2 * time.Second
+
+// kernelSnapshot programs the topology's pods as Services: web (dual-stack
+// ClusterIP, NodePort, externalIP), dns (53 on UDP and TCP), lb (a
+// LoadBalancer IP) and empty (no endpoints).
+func kernelSnapshot(tp *topology, webPods ...int) *Snapshot {
+	web := service("default", "web", []string{"10.96.0.10", "fd00:96::10"}, []string{"http:80"},
+		withNodePorts(30080), withExternalIPs("203.0.113.10"))
+	var eps4, eps6 []ep
+	for _, i := range webPods {
+		eps4 = append(eps4, ready(tp.pods[i].ipv4.String()))
+		eps6 = append(eps6, ready(tp.pods[i].ipv6.String()))
+	}
+	dns := service("kube-system", "dns", []string{"10.96.0.53"}, []string{"dns:53/UDP", "dns-tcp:53/TCP"})
+	lb := service("default", "lb", []string{"10.96.0.20"}, []string{"80"}, withLoadBalancer(corev1.LoadBalancerIngress{IP: "198.51.100.20"}))
+	empty := service("default", "empty", []string{"10.96.0.99"}, []string{"80"}, withNodePorts(30099))
+	snap := newSnapshot(
+		state(web, slice(web, "web-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, eps4...),
+			slice(web, "web-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, eps6...)),
+		state(dns, slice(dns, "dns", discoveryv1.AddressTypeIPv4, []string{"dns:5353/UDP", "dns-tcp:5353/TCP"}, ready(tp.pods[0].ipv4.String()))),
+		state(lb, slice(lb, "lb", discoveryv1.AddressTypeIPv4, []string{"8080"}, ready(tp.pods[len(tp.pods)-1].ipv4.String()))),
+		state(empty),
+	)
+	snap.NodeAddresses = []netip.Addr{addr("192.168.0.1"), addr("fd00:1::1"), addr("10.1.0.1"), addr("fd00:10::1"), addr("127.0.0.1")}
+	return snap
+}
+
+func startPods(t *testing.T, tp *topology) {
+	for _, p := range tp.pods {
+		p.serveTCP(t, ":8080", p.name)
+		p.serveTCP(t, ":5353", p.name)
+		p.serveUDP(t, ":5353", p.name)
+	}
+}
+
+func newApplier(t *testing.T, ns *netns) *KernelApplier {
+	t.Helper()
+	k, err := NewKernelApplier(WithNetNS(ns.path()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return k
+}
+
+func apply(t *testing.T, k *KernelApplier, rs *Ruleset) {
+	t.Helper()
+	if err := k.Apply(context.Background(), rs); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// spread connects n times and counts which server answered and with what
+// source address.
+func spread(t *testing.T, from *netns, target string, n int, udp bool) map[reply]int {
+	t.Helper()
+	got := map[reply]int{}
+	for range n {
+		var r reply
+		var err error
+		if udp {
+			r, err = from.askUDP(target, kernelTimeout)
+		} else {
+			r, err = from.askTCP(target, kernelTimeout)
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		got[r]++
+	}
+	return got
+}
+
+func servers(got map[reply]int) []string {
+	var out []string
+	for r := range got {
+		if !slices.Contains(out, r.server) {
+			out = append(out, r.server)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func sources(got map[reply]int) []string {
+	var out []string
+	for r := range got {
+		if !slices.Contains(out, r.source.String()) {
+			out = append(out, r.source.String())
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestKernelServices(t *testing.T) {
+	requireKernel(t)
+	tp := newTopology(t, 4) // pod3 is no endpoint of web: a plain client pod
+	startPods(t, tp)
+	k := newApplier(t, tp.node)
+	apply(t, k, Compute(kernelSnapshot(tp, 0, 1, 2)))
+
+	check := func(name string, from *netns, target string, udp bool, wantServers, wantSources []string) {
+		t.Run(name, func(t *testing.T) {
+			got := spread(t, from, target, 60, udp)
+			if s := servers(got); !slices.Equal(s, wantServers) {
+				t.Errorf("servers %v, want %v (%v)", s, wantServers, got)
+			}
+			if s := sources(got); !slices.Equal(s, wantSources) {
+				t.Errorf("sources %v, want %v", s, wantSources)
+			}
+			if len(wantServers) == 3 {
+				for r, n := range got {
+					if n < 5 {
+						t.Errorf("uneven spread: %s answered %d of 60", r.server, n)
+					}
+				}
+			}
+		})
+	}
+	all := []string{"pod0", "pod1", "pod2"}
+	check("ClusterIP from outside the cluster: every endpoint, masqueraded", tp.client, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
+	check("ClusterIP from a pod keeps the pod's source", tp.pods[3].netns, "10.96.0.10:80", false, all, []string{"10.1.0.14"})
+	check("ClusterIP from the node", tp.node, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
+	check("UDP on 53", tp.pods[2].netns, "10.96.0.53:53", true, []string{"pod0"}, []string{"10.1.0.13"})
+	check("TCP on 53", tp.pods[2].netns, "10.96.0.53:53", false, []string{"pod0"}, []string{"10.1.0.13"})
+	check("NodePort, masqueraded", tp.client, "192.168.0.1:30080", false, all, []string{"10.1.0.1"})
+	check("externalIP", tp.client, "203.0.113.10:80", false, all, []string{"10.1.0.1"})
+	check("LoadBalancer IP", tp.client, "198.51.100.20:80", false, []string{"pod3"}, []string{"10.1.0.1"})
+	check("IPv6 ClusterIP", tp.client, "[fd00:96::10]:80", false, all, []string{"fd00:10::1"})
+	check("IPv6 ClusterIP from a pod", tp.pods[3].netns, "[fd00:96::10]:80", false, all, []string{"fd00:10::14"})
+	check("IPv6 NodePort", tp.client, "[fd00:1::1]:30080", false, all, []string{"fd00:10::1"})
+
+	t.Run("hairpin is masqueraded", func(t *testing.T) {
+		got := spread(t, tp.pods[0].netns, "10.96.0.10:80", 60, false)
+		for r := range got {
+			want := "10.1.0.11"
+			if r.server == "pod0" {
+				want = "10.1.0.1"
+			}
+			if r.source.String() != want {
+				t.Errorf("%s saw %s, want %s", r.server, r.source, want)
+			}
+		}
+		if len(servers(got)) != 3 {
+			t.Errorf("servers %v", servers(got))
+		}
+	})
+
+	refused := func(name string, from *netns, target string) {
+		t.Run(name, func(t *testing.T) {
+			start := time.Now()
+			_, err := from.askTCP(target, kernelTimeout)
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Fatalf("got %v, want connection refused", err)
+			}
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("refusal took %v", d)
+			}
+		})
+	}
+	refused("no endpoints: refused at once", tp.client, "10.96.0.99:80")
+	refused("no endpoints, from the node", tp.node, "10.96.0.99:80")
+	refused("NodePort without endpoints", tp.client, "192.168.0.1:30099")
+	refused("unused ClusterIP port", tp.client, "10.96.0.10:81")
+	refused("unused ClusterIP port from a pod", tp.pods[0].netns, "10.96.0.10:8080")
+	t.Run("UDP to an unused ClusterIP port is refused", func(t *testing.T) {
+		if _, err := tp.client.askUDP("10.96.0.10:53", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Fatalf("got %v, want connection refused", err)
+		}
+	})
+	t.Run("nft lists the table without error", func(t *testing.T) {
+		requireNft(t)
+		cmd := exec.Command("ip", "netns", "exec", tp.node.name, "nft", "list", "ruleset")
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Run(); err != nil || stderr.Len() > 0 {
+			t.Fatalf("nft list ruleset: %v %s", err, stderr.String())
+		}
+	})
+}
+
+func TestKernelMasqueradeConfig(t *testing.T) {
+	requireKernel(t)
+	tp := newTopology(t, 2)
+	startPods(t, tp)
+	k := newApplier(t, tp.node)
+	snap := kernelSnapshot(tp, 0, 1)
+	snap.Config.NodePortAddresses = []proxyv1alpha1.CIDR{"192.168.0.0/24"}
+	apply(t, k, Compute(snap))
+	if _, err := tp.pods[0].askTCP("10.1.0.1:30080", kernelTimeout); err == nil {
+		t.Error("NodePort answered on an address outside nodePortAddresses")
+	}
+	if _, err := tp.client.askTCP("192.168.0.1:30080", kernelTimeout); err != nil {
+		t.Errorf("NodePort on a configured address: %v", err)
+	}
+	snap.Config.MasqueradeAll = true
+	apply(t, k, Compute(snap))
+	if got := sources(spread(t, tp.pods[1].netns, "10.96.0.10:80", 10, false)); !slices.Equal(got, []string{"10.1.0.1", "10.1.0.12"}) && !slices.Equal(got, []string{"10.1.0.1"}) {
+		t.Errorf("masqueradeAll: sources %v", got)
+	}
+}
+
+// TestKernelEndpointChanges adds and removes endpoints under an open
+// connection: it survives as long as its endpoint does.
+func TestKernelEndpointChanges(t *testing.T) {
+	requireKernel(t)
+	tp := newTopology(t, 3)
+	startPods(t, tp)
+	k := newApplier(t, tp.node)
+	c := NewComputer()
+	apply(t, k, c.Compute(kernelSnapshot(tp, 0, 1)))
+
+	// Hold a connection to pod0.
+	var held *tcpConn
+	for range 50 {
+		conn, r, err := tp.client.dialTCP("10.96.0.10:80", kernelTimeout)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.server == "pod0" {
+			held = conn
+			break
+		}
+		conn.Close()
+	}
+	if held == nil {
+		t.Fatal("never reached pod0")
+	}
+	defer held.Close()
+	alive := func(step string) {
+		if r, err := held.ask(kernelTimeout); err != nil || r.server != "pod0" {
+			t.Fatalf("%s: established connection broke: %v %v", step, r, err)
+		}
+	}
+	steps := []struct {
+		name string
+		pods []int
+		want []string
+	}{
+		{"add pod2", []int{0, 1, 2}, []string{"pod0", "pod1", "pod2"}},
+		{"remove pod1", []int{0, 2}, []string{"pod0", "pod2"}},
+		{"only pod0", []int{0}, []string{"pod0"}},
+	}
+	for _, s := range steps {
+		apply(t, k, c.Compute(kernelSnapshot(tp, s.pods...)))
+		if got := servers(spread(t, tp.client, "10.96.0.10:80", 40, false)); !slices.Equal(got, s.want) {
+			t.Errorf("%s: servers %v, want %v", s.name, got, s.want)
+		}
+		alive(s.name)
+	}
+	apply(t, k, c.Compute(kernelSnapshot(tp)))
+	if _, err := tp.client.askTCP("10.96.0.10:80", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("all endpoints removed: %v, want refused", err)
+	}
+	apply(t, k, c.Compute(kernelSnapshot(tp, 1, 2)))
+	if got := servers(spread(t, tp.client, "10.96.0.10:80", 40, false)); !slices.Equal(got, []string{"pod1", "pod2"}) {
+		t.Errorf("back again: servers %v", got)
+	}
+}
+
+// TestKernelRestart: a second applier (a restarted agent) replaces the
+// table of the first while a client keeps connecting: no connection fails.
+func TestKernelRestart(t *testing.T) {
+	requireKernel(t)
+	tp := newTopology(t, 2)
+	startPods(t, tp)
+	apply(t, newApplier(t, tp.node), Compute(kernelSnapshot(tp, 0, 1)))
+
+	stop := make(chan struct{})
+	var failures, attempts int
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			_, err := tp.client.askTCP("10.96.0.10:80", kernelTimeout)
+			mu.Lock()
+			attempts++
+			if err != nil {
+				failures++
+				t.Logf("connection failed during restart: %v", err)
+			}
+			mu.Unlock()
+		}
+	}()
+	for range 20 {
+		k := newApplier(t, tp.node)
+		apply(t, k, Compute(kernelSnapshot(tp, 0, 1)))
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	if failures > 0 || attempts < 20 {
+		t.Errorf("%d of %d connections failed across 20 takeovers", failures, attempts)
+	}
+}
+
+// TestKernelOtherTablesUntouched: a table standing for a CNI's survives
+// apply, resync and cleanup unchanged.
+func TestKernelOtherTablesUntouched(t *testing.T) {
+	requireKernel(t)
+	requireNft(t)
+	tp := newTopology(t, 1)
+	other := "table inet cni {\n\tset pods { type ipv4_addr; elements = { 10.1.0.11 } }\n\tchain forward {\n\t\ttype filter hook forward priority 0; policy accept;\n\t\tip saddr @pods counter accept\n\t}\n}\n"
+	f, err := os.CreateTemp(t.TempDir(), "cni*.nft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(other)
+	f.Close()
+	tp.node.exec(t, "nft", "-f", f.Name())
+	before := tp.node.exec(t, "nft", "list", "table", "inet", "cni")
+
+	k := newApplier(t, tp.node)
+	c := NewComputer()
+	apply(t, k, c.Compute(kernelSnapshot(tp, 0)))
+	apply(t, k, c.Compute(kernelSnapshot(tp)))
+	if err := k.Replace(context.Background(), c.Compute(kernelSnapshot(tp, 0))); err != nil {
+		t.Fatal(err)
+	}
+	if got := tp.node.exec(t, "nft", "list", "table", "inet", "cni"); got != before {
+		t.Errorf("the other table changed:\n%s\nwas:\n%s", got, before)
+	}
+	if err := k.Cleanup(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := k.Cleanup(context.Background()); err != nil {
+		t.Fatalf("second cleanup: %v", err)
+	}
+	if got := tp.node.exec(t, "nft", "list", "ruleset"); !strings.Contains(got, "table inet cni") || strings.Contains(got, TableName) {
+		t.Errorf("after cleanup:\n%s", got)
+	}
+	if got := tp.node.exec(t, "nft", "list", "table", "inet", "cni"); got != before {
+		t.Errorf("cleanup changed the other table:\n%s", got)
+	}
+}
+
+// TestKernelGolden: what the kernel holds, as nft prints it, matches the
+// golden file (set elements sorted, as their order in a hash is not ours).
+func TestKernelGolden(t *testing.T) {
+	requireKernel(t)
+	requireNft(t)
+	tp := newTopology(t, 3)
+	k := newApplier(t, tp.node)
+	apply(t, k, Compute(kernelSnapshot(tp, 0, 1, 2)))
+	golden(t, "kernel-example.nft", normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)))
+
+	// And the same after a diff lands on top, compared with a fresh replace.
+	c := NewComputer()
+	k2 := newApplier(t, tp.node)
+	apply(t, k2, c.Compute(kernelSnapshot(tp, 0)))
+	apply(t, k2, c.Compute(kernelSnapshot(tp, 0, 1, 2)))
+	afterDiff := normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName))
+	if err := k2.Replace(context.Background(), c.Compute(kernelSnapshot(tp, 0, 1, 2))); err != nil {
+		t.Fatal(err)
+	}
+	if fresh := normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)); fresh != afterDiff {
+		t.Errorf("diff-applied table differs from a fresh replace:\n%s\n---\n%s", afterDiff, fresh)
+	}
+}
+
+func requireNft(t *testing.T) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("needs the nft binary (Debian package nftables) to read the table back")
+	}
+}
+
+var elementsBlock = regexp.MustCompile(`(?s)elements = \{ (.*?) \}`)
+
+// normalizeNft sorts the elements inside each `elements = { ... }` block
+// and puts one per line.
+func normalizeNft(s string) string {
+	return elementsBlock.ReplaceAllStringFunc(s, func(block string) string {
+		inner := elementsBlock.FindStringSubmatch(block)[1]
+		var items []string
+		for _, it := range strings.Split(inner, ",") {
+			if it = strings.TrimSpace(it); it != "" {
+				items = append(items, it)
+			}
+		}
+		sort.Strings(items)
+		return "elements = {\n\t\t\t" + strings.Join(items, ",\n\t\t\t") + "\n\t\t}"
+	})
+}

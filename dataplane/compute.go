@@ -41,7 +41,7 @@ type memo struct {
 }
 
 type claimKey struct {
-	group string
+	group claimGroup
 	key   Key
 }
 
@@ -67,8 +67,21 @@ func NewComputer() *Computer {
 
 // Compute returns the desired ruleset for snap, reusing the previous
 // results of Services whose Service and slice objects are the same ones
-// (by identity) as in the previous snapshot.
+// (by identity) as in the previous snapshot. It looks at every Service;
+// ComputeChanged looks only at those the caller names.
 func (c *Computer) Compute(snap *Snapshot) *Ruleset {
+	return c.compute(snap, nil, true)
+}
+
+// ComputeChanged is Compute for a snapshot that differs from the previous
+// one only in the Services listed (changed, added or removed), so its cost
+// does not grow with the number of Services. A change of settings (config,
+// node) still recomputes everything.
+func (c *Computer) ComputeChanged(snap *Snapshot, changed []types.NamespacedName) *Ruleset {
+	return c.compute(snap, changed, false)
+}
+
+func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, scanAll bool) *Ruleset {
 	s := newSettings(snap)
 	if !s.equal(c.settings) {
 		c.settings = s
@@ -78,53 +91,59 @@ func (c *Computer) Compute(snap *Snapshot) *Ruleset {
 		c.claims = map[claimKey][]claimant{}
 		c.rules = map[types.NamespacedName]*ServiceRules{}
 		c.indexes = map[string]*indexAllocator{}
+		scanAll = true
 	}
 
-	var changed []types.NamespacedName
-	for key, st := range snap.Services {
-		if old := c.memo[key]; old == nil || !old.matches(st) {
-			changed = append(changed, key)
+	var changed, removed []types.NamespacedName
+	if scanAll {
+		existing := 0 // changed Services that were there before
+		for key, st := range snap.Services {
+			if old := c.memo[key]; old == nil || !old.matches(st) {
+				changed = append(changed, key)
+				if old != nil {
+					existing++
+				}
+			}
+		}
+		// memo holds the unchanged, the changed existing and the removed
+		// Services; snap the unchanged, the changed existing and the new.
+		if len(c.memo)-existing > len(snap.Services)-len(changed) {
+			for key := range c.memo {
+				if _, ok := snap.Services[key]; !ok {
+					removed = append(removed, key)
+				}
+			}
+		}
+	} else {
+		for _, key := range candidates {
+			st, ok := snap.Services[key]
+			old := c.memo[key]
+			switch {
+			case !ok && old != nil:
+				removed = append(removed, key)
+			case ok && (old == nil || !old.matches(st)):
+				changed = append(changed, key)
+			}
 		}
 	}
 	// In a fixed order, so that index allocation is deterministic.
 	slices.SortFunc(changed, compareNames)
+	changed = slices.Compact(changed)
+	slices.SortFunc(removed, compareNames)
+	removed = slices.Compact(removed)
+
 	dirty := map[types.NamespacedName]bool{}
-	for _, key := range changed {
-		st := snap.Services[key]
-		old := c.memo[key]
-		m := newMemo(st)
-		m.frag = computeService(key, st, c.settings, func(endpointMap, chain string, n int) uint32 {
-			r, ok := old.run(chain)
-			if !ok || r.size < uint32(n) {
-				r = c.allocator(endpointMap).alloc(endpointMap, uint32(n))
-			}
-			m.runs[chain] = r
-			return r.offset
-		})
-		if old != nil {
-			for chain, r := range old.runs {
-				if m.runs[chain] != r {
-					c.allocator(r.set).release(r)
-				}
-			}
-			c.unclaim(key, old.frag, dirty)
+	for _, key := range removed {
+		m := c.memo[key]
+		for _, r := range m.runs {
+			c.allocator(r.set).release(r)
 		}
-		c.claim(key, m.frag, dirty)
-		c.memo[key] = m
+		c.unclaim(key, m.frag, dirty)
+		delete(c.memo, key)
 		dirty[key] = true
 	}
-	// Every Service of snap is in memo now; more entries are removed Services.
-	if len(c.memo) > len(snap.Services) {
-		for key, m := range c.memo {
-			if _, ok := snap.Services[key]; !ok {
-				for _, r := range m.runs {
-					c.allocator(r.set).release(r)
-				}
-				c.unclaim(key, m.frag, dirty)
-				delete(c.memo, key)
-				dirty[key] = true
-			}
-		}
+	for _, key := range changed {
+		c.update(key, snap.Services[key], dirty)
 	}
 
 	if len(dirty) > 0 {
@@ -139,6 +158,32 @@ func (c *Computer) Compute(snap *Snapshot) *Ruleset {
 		}
 	}
 	return &Ruleset{Base: c.base, Services: c.rules}
+}
+
+// update computes one Service again, keeping the index runs its chains
+// still fit in.
+func (c *Computer) update(key types.NamespacedName, st ServiceState, dirty map[types.NamespacedName]bool) {
+	old := c.memo[key]
+	m := newMemo(st)
+	m.frag = computeService(key, st, c.settings, func(endpointMap, chain string, n int) uint32 {
+		r, ok := old.run(chain)
+		if !ok || r.size < uint32(n) {
+			r = c.allocator(endpointMap).alloc(endpointMap, uint32(n))
+		}
+		m.runs[chain] = r
+		return r.offset
+	})
+	if old != nil {
+		for chain, r := range old.runs {
+			if m.runs[chain] != r {
+				c.allocator(r.set).release(r)
+			}
+		}
+		c.unclaim(key, old.frag, dirty)
+	}
+	c.claim(key, m.frag, dirty)
+	c.memo[key] = m
+	dirty[key] = true
 }
 
 func (c *Computer) allocator(endpointMap string) *indexAllocator {
@@ -226,24 +271,24 @@ func markAll(list []claimant, dirty map[types.NamespacedName]bool) {
 // resolve builds a Service's rules from its fragment, keeping the claims
 // it wins and reporting those another Service holds.
 func (c *Computer) resolve(svc types.NamespacedName, fr *fragment) *ServiceRules {
-	r := &ServiceRules{Chains: fr.chains, Elements: slices.Clone(fr.owned), Problems: slices.Clone(fr.problems)}
-	seen := map[claimKey]bool{}
-	for _, cl := range fr.claims {
+	r := &ServiceRules{Chains: fr.chains, Problems: slices.Clone(fr.problems),
+		Elements: make([]Element, len(fr.owned), len(fr.owned)+len(fr.claims))}
+	copy(r.Elements, fr.owned)
+	for i, cl := range fr.claims {
 		k := claimKey{cl.group, cl.Key}
-		if seen[k] {
+		if slices.ContainsFunc(fr.claims[:i], func(o claim) bool { return o.group == cl.group && o.Key == cl.Key }) {
 			if cl.frontend != "" {
-				r.Problems = append(r.Problems, fmt.Sprintf("%s is listed twice; programmed once", cl.frontend))
+				r.Problems = append(r.Problems, fmt.Sprintf("%s is listed twice; programmed once", cl.describe()))
 			}
 			continue
 		}
-		seen[k] = true
 		winner := c.claims[k][0]
 		if winner.service == svc && winner.rank == cl.rank {
 			r.Elements = append(r.Elements, cl.Element)
 			continue
 		}
 		if cl.frontend != "" {
-			r.Problems = append(r.Problems, fmt.Sprintf("%s is also claimed by %s; not programmed for this Service", cl.frontend, winner.service))
+			r.Problems = append(r.Problems, fmt.Sprintf("%s is also claimed by %s; not programmed for this Service", cl.describe(), winner.service))
 		}
 	}
 	slices.SortFunc(r.Elements, compareElements)

@@ -47,8 +47,8 @@ func TestComputeGolden(t *testing.T) {
 	}
 }
 
-func addr(s string) netip.Addr      { return netip.MustParseAddr(s) }
-func ap(s string) netip.AddrPort    { return netip.MustParseAddrPort(s) }
+func addr(s string) netip.Addr   { return netip.MustParseAddr(s) }
+func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
 func aps(s ...string) []netip.AddrPort {
 	out := make([]netip.AddrPort, len(s))
 	for i := range s {
@@ -214,7 +214,13 @@ func TestIncrementalMatchesFresh(t *testing.T) {
 		default:
 			snap.Services[key] = syntheticService(i, 1+rng.IntN(6), rng.IntN(5))
 		}
-		inc, fresh := c.Compute(snap), Compute(snap)
+		var inc *Ruleset
+		if step%2 == 0 {
+			inc = c.ComputeChanged(snap, []types.NamespacedName{key})
+		} else {
+			inc = c.Compute(snap)
+		}
+		fresh := Compute(snap)
 		if diff := cmp.Diff(flows(fresh, snap), flows(inc, snap)); diff != "" {
 			t.Fatalf("step %d: incremental result differs from fresh (-fresh +incremental):\n%s", step, diff)
 		}
@@ -350,6 +356,10 @@ func (r *byteReader) next() int {
 	return int(b)
 }
 
-func (r *byteReader) num() string { return strings.TrimLeft(string(rune('0'+r.next()%10))+string(rune('0'+r.next()%10)), "0") + "1" }
+func (r *byteReader) num() string {
+	return strings.TrimLeft(string(rune('0'+r.next()%10))+string(rune('0'+r.next()%10)), "0") + "1"
+}
 
-func (r *byteReader) word() string { return []string{"", "1.2.3", "10.96.0.300", "::1%eth0", "fe80::1"}[r.next()%5] }
+func (r *byteReader) word() string {
+	return []string{"", "1.2.3", "10.96.0.300", "::1%eth0", "fe80::1"}[r.next()%5]
+}

@@ -26,7 +26,7 @@ import (
 
 var nsCounter atomic.Int32
 
-func requireKernel(t *testing.T) {
+func requireKernel(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("kernel test: needs root (network namespaces and nftables)")
@@ -40,7 +40,7 @@ type netns struct {
 	name string
 }
 
-func newNetns(t *testing.T, role string) *netns {
+func newNetns(t testing.TB, role string) *netns {
 	t.Helper()
 	n := &netns{name: fmt.Sprintf("npx%d-%d-%s", os.Getpid(), nsCounter.Add(1), role)}
 	run(t, "ip", "netns", "add", n.name)
@@ -51,7 +51,7 @@ func newNetns(t *testing.T, role string) *netns {
 	return n
 }
 
-func run(t *testing.T, argv ...string) string {
+func run(t testing.TB, argv ...string) string {
 	t.Helper()
 	out, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
 	if err != nil {
@@ -62,13 +62,15 @@ func run(t *testing.T, argv ...string) string {
 
 func (n *netns) path() string { return "/run/netns/" + n.name }
 
-func (n *netns) ip(t *testing.T, args ...string) { run(t, append([]string{"ip", "-n", n.name}, args...)...) }
+func (n *netns) ip(t testing.TB, args ...string) {
+	run(t, append([]string{"ip", "-n", n.name}, args...)...)
+}
 
-func (n *netns) exec(t *testing.T, argv ...string) string {
+func (n *netns) exec(t testing.TB, argv ...string) string {
 	return run(t, append([]string{"ip", "netns", "exec", n.name}, argv...)...)
 }
 
-func (n *netns) sysctl(t *testing.T, key, value string) {
+func (n *netns) sysctl(t testing.TB, key, value string) {
 	n.exec(t, "sh", "-c", fmt.Sprintf("echo %s > /proc/sys/%s", value, strings.ReplaceAll(key, ".", "/")))
 }
 
@@ -104,7 +106,7 @@ var linkCounter atomic.Int32
 
 // link joins two namespaces with a veth pair and returns the interface
 // names.
-func link(t *testing.T, a *netns, aAddrs []string, b *netns, bAddrs []string) (string, string) {
+func link(t testing.TB, a *netns, aAddrs []string, b *netns, bAddrs []string) (string, string) {
 	t.Helper()
 	id := linkCounter.Add(1)
 	ai, bi := fmt.Sprintf("va%d", id), fmt.Sprintf("vb%d", id)
@@ -133,7 +135,7 @@ type topology struct {
 	pods               []*pod
 }
 
-func newTopology(t *testing.T, pods int) *topology {
+func newTopology(t testing.TB, pods int) *topology {
 	tp := &topology{node: newNetns(t, "node"), client: newNetns(t, "client"), sink: newNetns(t, "sink")}
 	tp.node.sysctl(t, "net.ipv4.ip_forward", "1")
 	tp.node.sysctl(t, "net.ipv6.conf.all.forwarding", "1")
@@ -149,7 +151,7 @@ func newTopology(t *testing.T, pods int) *topology {
 	return tp
 }
 
-func (tp *topology) addPod(t *testing.T) *pod {
+func (tp *topology) addPod(t testing.TB) *pod {
 	i := len(tp.pods)
 	p := &pod{netns: newNetns(t, fmt.Sprintf("pod%d", i)), name: fmt.Sprintf("pod%d", i),
 		ipv4: netip.AddrFrom4([4]byte{10, 1, 0, byte(11 + i)}), ipv6: netip.MustParseAddr(fmt.Sprintf("fd00:10::%x", 0x11+i))}
@@ -174,7 +176,7 @@ type reply struct {
 
 // serveTCP answers each connection with "<name> <source>\n", and again
 // for every line the client sends.
-func (n *netns) serveTCP(t *testing.T, addr, name string) {
+func (n *netns) serveTCP(t testing.TB, addr, name string) {
 	t.Helper()
 	var l net.Listener
 	if err := n.do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
@@ -208,7 +210,7 @@ func (n *netns) serveTCP(t *testing.T, addr, name string) {
 	}()
 }
 
-func (n *netns) serveUDP(t *testing.T, addr, name string) {
+func (n *netns) serveUDP(t testing.TB, addr, name string) {
 	t.Helper()
 	var pc net.PacketConn
 	if err := n.do(func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -33,12 +34,41 @@ const (
 // key space in which they collide, across the maps that share it.
 type claim struct {
 	Element
-	group string
+	group claimGroup
 	rank  claimRank
-	// frontend describes the claim in a conflict report, e.g.
-	// "externalIP 192.0.2.1 port 80/TCP"; empty for claims that Services
-	// may share harmlessly (membership of the ClusterIP set).
+	// frontend names the kind of frontend in a conflict report
+	// ("externalIP"); empty for claims Services may share harmlessly
+	// (membership of the ClusterIP and hairpin sets).
 	frontend string
+}
+
+// claimGroup is a key space in which claims collide: the frontends on
+// IPs (across the service and no-endpoint maps), NodePorts, and the
+// shared sets, per family.
+type claimGroup uint8
+
+const (
+	groupFrontends claimGroup = iota
+	groupNodePorts
+	groupClusterIPs
+	groupHairpin
+)
+
+// in gives the group of family f.
+func (g claimGroup) in(f Family) claimGroup {
+	if f == IPv6 {
+		return g + 8
+	}
+	return g
+}
+
+// describe names a claimed frontend: "externalIP 192.0.2.1 port 80/TCP".
+func (c claim) describe() string {
+	proto := strings.ToUpper(c.Key.Proto.String())
+	if !c.Key.Addr.IsValid() {
+		return fmt.Sprintf("%s %d/%s", c.frontend, c.Key.Port, proto)
+	}
+	return fmt.Sprintf("%s %s port %d/%s", c.frontend, c.Key.Addr, c.Key.Port, proto)
 }
 
 // fragment is what one Service computes to before its claims are weighed
@@ -260,7 +290,7 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 		}
 		fr.claims = append(fr.claims, claim{
 			Element: Element{Set: familySet(setClusterIPs, f), Key: Key{Addr: vip}, Comment: clusterIPComment},
-			group:   familySet(setClusterIPs, f), rank: rankAllocated,
+			group:   groupClusterIPs.in(f), rank: rankAllocated,
 		})
 		for _, port := range ports {
 			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s, indexes)
@@ -316,7 +346,6 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	portID := servicePortID(key, proto, port.Port)
 	comment := frontendComment(key, port.Name, port.Port)
 	eps := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
-	protoName := fmt.Sprintf("%d/%s", port.Port, port.Protocol)
 
 	ipMap, nodePortMap := familySet(setServiceIPs, f), familySet(setServiceNodePorts, f)
 	clusterTarget, externalTarget := Goto(serviceChainName(f, portID)), Goto(externalChainName(f, portID))
@@ -328,23 +357,23 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	}
 	hasExternal := false
 
-	ipGroup, nodePortGroup := "frontends"+f.Suffix(), "nodeports"+f.Suffix()
+	ipGroup, nodePortGroup := groupFrontends.in(f), groupNodePorts.in(f)
 	fr.claims = append(fr.claims, claim{
 		Element: Element{Set: ipMap, Key: Key{Addr: vip, Proto: proto, Port: uint16(port.Port)}, Verdict: clusterTarget, Comment: comment},
-		group:   ipGroup, rank: rankAllocated, frontend: fmt.Sprintf("ClusterIP %s port %s", vip, protoName),
+		group:   ipGroup, rank: rankAllocated, frontend: "ClusterIP",
 	})
 	for _, ext := range external {
 		hasExternal = true
 		fr.claims = append(fr.claims, claim{
 			Element: Element{Set: ipMap, Key: Key{Addr: ext.addr, Proto: proto, Port: uint16(port.Port)}, Verdict: externalTarget, Comment: comment},
-			group:   ipGroup, rank: rankUserSupplied, frontend: fmt.Sprintf("%s %s port %s", ext.kind, ext.addr, protoName),
+			group:   ipGroup, rank: rankUserSupplied, frontend: ext.kind,
 		})
 	}
 	if port.NodePort > 0 && port.NodePort <= 65535 {
 		hasExternal = true
 		fr.claims = append(fr.claims, claim{
 			Element: Element{Set: nodePortMap, Key: Key{Proto: proto, Port: uint16(port.NodePort)}, Verdict: externalTarget, Comment: comment},
-			group:   nodePortGroup, rank: rankAllocated, frontend: fmt.Sprintf("NodePort %d/%s", port.NodePort, port.Protocol),
+			group:   nodePortGroup, rank: rankAllocated, frontend: "NodePort",
 		})
 	}
 	if hasExternal && len(eps) > 0 {
@@ -383,7 +412,7 @@ func (fr *fragment) addPortChains(f Family, portID, comment string, proto Protoc
 		fr.owned = append(fr.owned, Element{Set: endpoints, Key: Key{Index: offset + uint32(i)}, Target: ep, Comment: comment})
 		fr.claims = append(fr.claims, claim{
 			Element: Element{Set: familySet(setHairpin, f), Key: Key{Addr: ep.Addr(), Addr2: ep.Addr()}},
-			group:   familySet(setHairpin, f), rank: rankAllocated,
+			group:   groupHairpin.in(f), rank: rankAllocated,
 		})
 	}
 	rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATRandom{Family: f, Count: uint32(len(eps)), Offset: offset, Map: endpoints}}})

@@ -1,0 +1,115 @@
+package dataplane
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// Benchmarks at cluster scale: N Services with 4 endpoints each (a tenth
+// with a NodePort). They print the figures the project aims at; they
+// assert nothing about time, as these machines are shared.
+//
+//	go test -run XXX -bench . ./dataplane          (make bench)
+
+var benchSizes = []int{1000, 10000, 50000}
+
+func BenchmarkCompute(b *testing.B) {
+	for _, n := range benchSizes {
+		snap := syntheticSnapshot(n, 4)
+		b.Run(fmt.Sprintf("services=%d/cold", n), func(b *testing.B) {
+			for b.Loop() {
+				Compute(snap)
+			}
+		})
+		b.Run(fmt.Sprintf("services=%d/one-change", n), func(b *testing.B) {
+			c := NewComputer()
+			c.Compute(snap)
+			gen := 0
+			for b.Loop() {
+				gen++
+				snap.Services[syntheticKey(7)] = syntheticService(7, 4, gen%3)
+				c.ComputeChanged(snap, []types.NamespacedName{syntheticKey(7)})
+			}
+		})
+	}
+}
+
+// BenchmarkKernelColdStart writes the whole table into an empty kernel
+// (a fresh network namespace) in one transaction.
+func BenchmarkKernelColdStart(b *testing.B) {
+	requireKernel(b)
+	for _, n := range benchSizes {
+		rs := Compute(syntheticSnapshot(n, 4))
+		b.Run(fmt.Sprintf("services=%d", n), func(b *testing.B) {
+			k, err := NewKernelApplier(WithNetNS(newNetns(b, "bench").path()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer k.Close()
+			for b.Loop() {
+				b.StopTimer()
+				if err := k.Cleanup(context.Background()); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				if err := k.Apply(context.Background(), rs); err != nil {
+					b.Fatal(err)
+				}
+			}
+			st := k.LastBatch()
+			b.ReportMetric(float64(st.Messages), "msgs/op")
+			b.ReportMetric(float64(st.Bytes)/(1<<20), "MiB/op")
+		})
+	}
+}
+
+// BenchmarkKernelOneChange changes one Service on top of a full table:
+// kinds "endpoint-replaced" (same count: map elements only),
+// "endpoint-added" (the Service's rule changes) and "new-service".
+func BenchmarkKernelOneChange(b *testing.B) {
+	requireKernel(b)
+	for _, n := range benchSizes {
+		for _, kind := range []string{"endpoint-replaced", "endpoint-added", "new-service"} {
+			b.Run(fmt.Sprintf("services=%d/%s", n, kind), func(b *testing.B) {
+				snap := syntheticSnapshot(n, 4)
+				c := NewComputer()
+				k, err := NewKernelApplier(WithNetNS(newNetns(b, "bench").path()))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer k.Close()
+				if err := k.Apply(context.Background(), c.Compute(snap)); err != nil {
+					b.Fatal(err)
+				}
+				var computeTime time.Duration
+				i := 0
+				for b.Loop() {
+					i++
+					switch kind {
+					case "endpoint-replaced":
+						snap.Services[syntheticKey(7)] = syntheticService(7, 4, i%2)
+					case "endpoint-added":
+						snap.Services[syntheticKey(7)] = syntheticService(7, 4+i%2, 0)
+					case "new-service":
+						if i%2 == 1 {
+							snap.Services[syntheticKey(n)] = syntheticService(n, 4, 0)
+						} else {
+							delete(snap.Services, syntheticKey(n))
+						}
+					}
+					start := time.Now()
+					rs := c.ComputeChanged(snap, []types.NamespacedName{syntheticKey(7), syntheticKey(n)})
+					computeTime += time.Since(start)
+					if err := k.Apply(context.Background(), rs); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(computeTime.Microseconds())/float64(b.N), "compute-µs/op")
+			})
+		}
+	}
+}

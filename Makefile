@@ -67,6 +67,13 @@ envtest-assets: ## Build kube-apiserver and etcd for envtest into bin/k8s (no in
 test: vet ## Run every test this machine can run (unit, envtest; kernel tests need root).
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 $(GOTEST_FLAGS) ./...
 
+.PHONY: bench
+bench: ## Benchmarks that print compute, cold-start and one-change figures at 1k/10k/50k Services (kernel parts need root).
+	go test -run XXX -bench . -benchtime $(BENCHTIME) -timeout 30m ./dataplane
+
+# Iterations per benchmark; the 50k cold start alone takes seconds each.
+BENCHTIME ?= 10x
+
 ##@ Build
 
 .PHONY: build

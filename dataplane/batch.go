@@ -303,13 +303,6 @@ func (b *batch) addSet(s *Set) {
 	b.end()
 }
 
-func (b *batch) delSet(name string) {
-	b.msg(unix.NFT_MSG_DELSET, 0, "delete set", name)
-	b.str(unix.NFTA_SET_TABLE, TableName)
-	b.str(unix.NFTA_SET_NAME, name)
-	b.end()
-}
-
 // setElements adds or deletes elements of one named set or map, as many
 // messages as the element count needs.
 func (b *batch) setElements(add bool, set *Set, elements []Element) {

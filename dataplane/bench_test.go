@@ -49,7 +49,7 @@ func BenchmarkKernelColdStart(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			defer k.Close()
+			defer func() { _ = k.Close() }()
 			for b.Loop() {
 				b.StopTimer()
 				if err := k.Cleanup(context.Background()); err != nil {
@@ -81,7 +81,7 @@ func BenchmarkKernelOneChange(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				defer k.Close()
+				defer func() { _ = k.Close() }()
 				if err := k.Apply(context.Background(), c.Compute(snap)); err != nil {
 					b.Fatal(err)
 				}

@@ -47,15 +47,7 @@ func TestComputeGolden(t *testing.T) {
 	}
 }
 
-func addr(s string) netip.Addr   { return netip.MustParseAddr(s) }
-func ap(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
-func aps(s ...string) []netip.AddrPort {
-	out := make([]netip.AddrPort, len(s))
-	for i := range s {
-		out[i] = ap(s[i])
-	}
-	return out
-}
+func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
 func TestPacketFlow(t *testing.T) {
 	tr := newTracer(Compute(exampleSnapshot()))

@@ -68,7 +68,7 @@ func NewKernelApplier(opts ...KernelOption) (*KernelApplier, error) {
 		if err != nil {
 			return nil, fmt.Errorf("open network namespace: %w", err)
 		}
-		defer f.Close()
+		defer func() { _ = f.Close() }()
 		cfg.NetNS = int(f.Fd())
 	}
 	conn, err := netlink.Dial(unix.NETLINK_NETFILTER, cfg)
@@ -77,14 +77,14 @@ func NewKernelApplier(opts ...KernelOption) (*KernelApplier, error) {
 	}
 	raw, err := conn.SyscallConn()
 	if err != nil {
-		conn.Close()
+		_ = conn.Close()
 		return nil, fmt.Errorf("nf_tables netlink socket: %w", err)
 	}
 	k := &KernelApplier{conn: conn, raw: raw, seq: uint32(time.Now().UnixNano())}
 	// Errors carry only the failing message's header, not its payload, so
 	// one reply stays small.
 	if err := k.setsockopt(unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1); err != nil {
-		conn.Close()
+		_ = conn.Close()
 		return nil, err
 	}
 	return k, nil

@@ -62,7 +62,7 @@ func newApplier(t *testing.T, ns *netns) *KernelApplier {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { k.Close() })
+	t.Cleanup(func() { _ = k.Close() })
 	return k
 }
 
@@ -245,12 +245,12 @@ func TestKernelEndpointChanges(t *testing.T) {
 			held = conn
 			break
 		}
-		conn.Close()
+		_ = conn.Close()
 	}
 	if held == nil {
 		t.Fatal("never reached pod0")
 	}
-	defer held.Close()
+	defer func() { _ = held.Close() }()
 	alive := func(step string) {
 		if r, err := held.ask(kernelTimeout); err != nil || r.server != "pod0" {
 			t.Fatalf("%s: established connection broke: %v %v", step, r, err)
@@ -337,8 +337,12 @@ func TestKernelOtherTablesUntouched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f.WriteString(other)
-	f.Close()
+	if _, err := f.WriteString(other); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
 	tp.node.exec(t, "nft", "-f", f.Name())
 	before := tp.node.exec(t, "nft", "list", "table", "inet", "cni")
 

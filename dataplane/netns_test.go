@@ -83,13 +83,13 @@ func (n *netns) do(fn func() error) error {
 		runtime.UnlockOSThread()
 		return err
 	}
-	defer orig.Close()
+	defer func() { _ = orig.Close() }()
 	target, err := os.Open(n.path())
 	if err != nil {
 		runtime.UnlockOSThread()
 		return err
 	}
-	defer target.Close()
+	defer func() { _ = target.Close() }()
 	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
 		runtime.UnlockOSThread()
 		return err
@@ -182,7 +182,7 @@ func (n *netns) serveTCP(t testing.TB, addr, name string) {
 	if err := n.do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() })
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -190,7 +190,7 @@ func (n *netns) serveTCP(t testing.TB, addr, name string) {
 				return
 			}
 			go func() {
-				defer c.Close()
+				defer func() { _ = c.Close() }()
 				src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 				msg := fmt.Sprintf("%s %s\n", name, src)
 				if _, err := c.Write([]byte(msg)); err != nil {
@@ -216,7 +216,7 @@ func (n *netns) serveUDP(t testing.TB, addr, name string) {
 	if err := n.do(func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
+	t.Cleanup(func() { _ = pc.Close() })
 	go func() {
 		buf := make([]byte, 512)
 		for {
@@ -259,7 +259,7 @@ func (n *netns) dialTCP(addr string, timeout time.Duration) (*tcpConn, reply, er
 	_ = c.SetDeadline(time.Now().Add(timeout))
 	line, err := tc.r.ReadString('\n')
 	if err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, reply{}, err
 	}
 	rep, err := parseReply(line)
@@ -281,7 +281,7 @@ func (c *tcpConn) ask(timeout time.Duration) (reply, error) {
 func (n *netns) askTCP(addr string, timeout time.Duration) (reply, error) {
 	c, rep, err := n.dialTCP(addr, timeout)
 	if err == nil {
-		c.Close()
+		_ = c.Close()
 	}
 	return rep, err
 }
@@ -291,7 +291,7 @@ func (n *netns) askUDP(addr string, timeout time.Duration) (reply, error) {
 	if err := n.do(func() (err error) { c, err = net.Dial("udp", addr); return err }); err != nil {
 		return reply{}, err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(timeout))
 	if _, err := c.Write([]byte("q")); err != nil {
 		return reply{}, err

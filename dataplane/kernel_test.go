@@ -3,6 +3,7 @@ package dataplane
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -15,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/userdata"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
@@ -379,6 +382,7 @@ func TestKernelGolden(t *testing.T) {
 	k := newApplier(t, tp.node)
 	apply(t, k, Compute(kernelSnapshot(tp, 0, 1, 2)))
 	golden(t, "kernel-example.nft", normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)))
+	golden(t, "kernel-example.netlink", listOverNetlink(t, tp.node))
 
 	// And the same after a diff lands on top, compared with a fresh replace.
 	c := NewComputer()
@@ -392,6 +396,59 @@ func TestKernelGolden(t *testing.T) {
 	if fresh := normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)); fresh != afterDiff {
 		t.Errorf("diff-applied table differs from a fresh replace:\n%s\n---\n%s", afterDiff, fresh)
 	}
+}
+
+// listOverNetlink reads our table back with google/nftables: every chain
+// with its hook and rule comments, every set with its elements' count.
+func listOverNetlink(t *testing.T, ns *netns) string {
+	t.Helper()
+	f, err := os.Open(ns.path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = f.Close() }()
+	conn, err := nftables.New(nftables.WithNetNSFd(int(f.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := &nftables.Table{Name: TableName, Family: nftables.TableFamilyINet}
+	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, c := range chains {
+		if c.Table.Name != TableName {
+			continue
+		}
+		rules, err := conn.GetRules(table, c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		line := fmt.Sprintf("chain %s: %d rules", c.Name, len(rules))
+		if c.Hooknum != nil {
+			line += fmt.Sprintf(", hook %d priority %d", *c.Hooknum, *c.Priority)
+		}
+		for _, r := range rules {
+			if comment, ok := userdata.GetString(r.UserData, userdata.TypeComment); ok {
+				line += fmt.Sprintf(", %q", comment)
+			}
+		}
+		lines = append(lines, line)
+	}
+	sets, err := conn.GetSets(table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, set := range sets {
+		elems, err := conn.GetSetElements(set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines = append(lines, fmt.Sprintf("set %s: map %v, %d elements", set.Name, set.IsMap, len(elems)))
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n") + "\n"
 }
 
 func requireNft(t *testing.T) {

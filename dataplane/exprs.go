@@ -84,12 +84,7 @@ func verdictExpr(v Verdict) *expr.Verdict {
 func stmtExprs(s Stmt) ([]expr.Any, error) {
 	switch s := s.(type) {
 	case MatchCtStateNew:
-		return []expr.Any{
-			&expr.Ct{Key: expr.CtKeySTATE, Register: reg1},
-			&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: make([]byte, 4)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: reg1, Data: make([]byte, 4)},
-		}, nil
+		return testBits(&expr.Ct{Key: expr.CtKeySTATE, Register: reg1}, expr.CtStateBitNEW, expr.CmpOpNeq), nil
 	case MatchAddr:
 		f := familyOf(s.Prefix.Addr())
 		out := matchFamily(f)
@@ -125,12 +120,7 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: []byte{byte(s.Proto)}},
 		}, nil
 	case MatchMarkUnset:
-		return []expr.Any{
-			&expr.Meta{Key: expr.MetaKeyMARK, Register: reg1},
-			&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(s.Mask), Xor: make([]byte, 4)},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: make([]byte, 4)},
-		}, nil
+		return testBits(&expr.Meta{Key: expr.MetaKeyMARK, Register: reg1}, s.Mask, expr.CmpOpEq), nil
 	case VmapLookup:
 		var out []expr.Any
 		switch s.Key {
@@ -176,6 +166,17 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 		return []expr.Any{verdictExpr(s.Verdict)}, nil
 	}
 	return nil, fmt.Errorf("unknown statement %T", s)
+}
+
+// testBits loads a 32-bit value into reg1 and compares its mask bits with
+// zero: CmpOpNeq matches when any is set, CmpOpEq when none is.
+func testBits(load expr.Any, mask uint32, op expr.CmpOp) []expr.Any {
+	return []expr.Any{
+		load,
+		&expr.Bitwise{SourceRegister: reg1, DestRegister: reg1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mask), Xor: make([]byte, 4)},
+		&expr.Cmp{Op: op, Register: reg1, Data: make([]byte, 4)},
+	}
 }
 
 // markExprs sets mark = (mark & and) ^ xor.

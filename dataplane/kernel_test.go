@@ -43,7 +43,7 @@ func kernelSnapshot(tp *topology, webPods ...int) *Snapshot {
 	snap := newSnapshot(
 		state(web, slice(web, "web-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, eps4...),
 			slice(web, "web-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, eps6...)),
-		state(dns, slice(dns, "dns", discoveryv1.AddressTypeIPv4, []string{"dns:5353/UDP", "dns-tcp:5353/TCP"}, ready(tp.pods[0].ipv4.String()))),
+		state(dns, slice(dns, "dns", discoveryv1.AddressTypeIPv4, []string{"dns:5353/UDP", "dns-tcp:5353/TCP"}, eps4...)),
 		state(lb, slice(lb, "lb", discoveryv1.AddressTypeIPv4, []string{"8080"}, ready(tp.pods[len(tp.pods)-1].ipv4.String()))),
 		state(empty),
 	)
@@ -148,8 +148,8 @@ func TestKernelServices(t *testing.T) {
 	check("ClusterIP from outside the cluster: every endpoint, masqueraded", tp.client, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
 	check("ClusterIP from a pod keeps the pod's source", tp.pods[3].netns, "10.96.0.10:80", false, all, []string{"10.1.0.14"})
 	check("ClusterIP from the node", tp.node, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
-	check("UDP on 53", tp.pods[2].netns, "10.96.0.53:53", true, []string{"pod0"}, []string{"10.1.0.13"})
-	check("TCP on 53", tp.pods[2].netns, "10.96.0.53:53", false, []string{"pod0"}, []string{"10.1.0.13"})
+	check("UDP on 53, every endpoint", tp.pods[3].netns, "10.96.0.53:53", true, all, []string{"10.1.0.14"})
+	check("TCP on 53", tp.pods[3].netns, "10.96.0.53:53", false, all, []string{"10.1.0.14"})
 	check("NodePort, masqueraded", tp.client, "192.168.0.1:30080", false, all, []string{"10.1.0.1"})
 	check("externalIP", tp.client, "203.0.113.10:80", false, all, []string{"10.1.0.1"})
 	check("LoadBalancer IP", tp.client, "198.51.100.20:80", false, []string{"pod3"}, []string{"10.1.0.1"})

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sync/atomic"
 
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -30,6 +31,8 @@ type Computer struct {
 	rules  map[types.NamespacedName]*ServiceRules
 	// indexes allocates runs in each endpoint map.
 	indexes map[string]*indexAllocator
+	// last is the generation of the last Ruleset computed.
+	last uint64
 }
 
 type memo struct {
@@ -91,6 +94,7 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 		c.claims = map[claimKey][]claimant{}
 		c.rules = map[types.NamespacedName]*ServiceRules{}
 		c.indexes = map[string]*indexAllocator{}
+		c.last = 0
 		scanAll = true
 	}
 
@@ -146,6 +150,11 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 		c.update(key, snap.Services[key], dirty)
 	}
 
+	rs := &Ruleset{Base: c.base, generation: generations.Add(1)}
+	if c.last != 0 {
+		rs.derivedFrom = c.last
+		rs.changed = slices.Collect(maps.Keys(dirty))
+	}
 	if len(dirty) > 0 {
 		c.rules = maps.Clone(c.rules)
 		for key := range dirty {
@@ -157,8 +166,13 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 			c.rules[key] = c.resolve(key, m.frag)
 		}
 	}
-	return &Ruleset{Base: c.base, Services: c.rules}
+	rs.Services = c.rules
+	c.last = rs.generation
+	return rs
 }
+
+// generations numbers Rulesets across all Computers.
+var generations atomic.Uint64
 
 // update computes one Service again, keeping the index runs its chains
 // still fit in.

@@ -71,24 +71,38 @@ func diff(old, cur *Ruleset) (*changes, bool) {
 			c.elements(old.Base.Sets[i].Elements, s.Elements)
 		}
 	}
+	if cur.derivedFrom != 0 && cur.derivedFrom == old.generation {
+		// Only the Services the Computer says changed can differ.
+		for _, key := range cur.changed {
+			c.service(old.Services[key], cur.Services[key])
+		}
+		return c, true
+	}
 	for key, o := range old.Services {
-		n := cur.Services[key]
-		if n == o {
-			continue
+		if n := cur.Services[key]; n != o {
+			c.service(o, n)
 		}
-		if n == nil {
-			n = &ServiceRules{}
-		}
-		c.chains(o.Chains, n.Chains)
-		c.elements(o.Elements, n.Elements)
 	}
 	for key, n := range cur.Services {
 		if _, ok := old.Services[key]; !ok {
-			c.chains(nil, n.Chains)
-			c.elements(nil, n.Elements)
+			c.service(nil, n)
 		}
 	}
 	return c, true
+}
+
+func (c *changes) service(old, cur *ServiceRules) {
+	if old == cur {
+		return
+	}
+	if old == nil {
+		old = &ServiceRules{}
+	}
+	if cur == nil {
+		cur = &ServiceRules{}
+	}
+	c.chains(old.Chains, cur.Chains)
+	c.elements(old.Elements, cur.Elements)
 }
 
 func sameDeclarations(a, b *Base) bool {

@@ -66,6 +66,12 @@ func (p Protocol) String() string {
 type Ruleset struct {
 	Base     *Base
 	Services map[types.NamespacedName]*ServiceRules
+
+	// generation identifies this Ruleset; a Computer's result also names
+	// the generation it was derived from and the Services that differ, so
+	// diffing against that one costs only those Services.
+	generation, derivedFrom uint64
+	changed                 []types.NamespacedName
 }
 
 // Base is the part of the table that does not come from any one Service:

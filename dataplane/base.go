@@ -14,11 +14,10 @@ import (
 // DNATed) and, for locally generated packets, just after it (so only
 // packets left on a ClusterIP are rejected); masquerade runs at srcnat.
 const (
-	priorityDstNAT       int32 = -100
-	prioritySrcNAT       int32 = 100
-	priorityFilterPre    int32 = priorityDstNAT - 10
-	priorityFilterPost   int32 = priorityDstNAT + 10
-	defaultMasqueradeBit       = 14
+	priorityDstNAT     int32 = -100
+	prioritySrcNAT     int32 = 100
+	priorityFilterPre  int32 = priorityDstNAT - 10
+	priorityFilterPost int32 = priorityDstNAT + 10
 )
 
 // settings is what the whole table depends on beyond single Services: the
@@ -43,7 +42,7 @@ func newSettings(snap *Snapshot) *settings {
 	s := &settings{
 		nodeName:    snap.NodeName,
 		nodeZone:    snap.NodeZone,
-		markBit:     1 << defaultMasqueradeBit,
+		markBit:     1 << proxyv1alpha1.DefaultMasqueradeBit,
 		masqAll:     cfg.MasqueradeAll,
 		localCIDRs:  map[Family]netip.Prefix{},
 		nodePortIPs: map[Family][]netip.Addr{},

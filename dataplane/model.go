@@ -179,10 +179,9 @@ func Jump(chain string) Verdict { return Verdict{Kind: VerdictJump, Chain: chain
 
 // Chain is a chain of the table. Hook is set for base chains only.
 type Chain struct {
-	Name    string
-	Hook    *Hook
-	Rules   []Rule
-	Comment string
+	Name  string
+	Hook  *Hook
+	Rules []Rule
 }
 
 // Hook attaches a base chain to a netfilter hook.

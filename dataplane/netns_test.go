@@ -110,7 +110,11 @@ func link(t testing.TB, a *netns, aAddrs []string, b *netns, bAddrs []string) (s
 	t.Helper()
 	id := linkCounter.Add(1)
 	ai, bi := fmt.Sprintf("va%d", id), fmt.Sprintf("vb%d", id)
-	run(t, "ip", "link", "add", ai, "netns", a.name, "type", "veth", "peer", "name", bi, "netns", b.name)
+	// Distinct interface indexes for the two ends: when a veth's index
+	// equals its peer's (both 2 in fresh namespaces), kernel 6.x brings
+	// the carrier up about a second late.
+	run(t, "ip", "link", "add", ai, "index", fmt.Sprint(1000+2*id), "netns", a.name, "type", "veth",
+		"peer", "name", bi, "index", fmt.Sprint(1001+2*id), "netns", b.name)
 	for _, x := range []struct {
 		ns    *netns
 		iface string

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/nftproxy/nftproxy/internal/netnstest"
 )
 
 // Benchmarks at cluster scale: N Services with 4 endpoints each (a tenth
@@ -41,11 +43,11 @@ func BenchmarkCompute(b *testing.B) {
 // BenchmarkKernelColdStart writes the whole table into an empty kernel
 // (a fresh network namespace) in one transaction.
 func BenchmarkKernelColdStart(b *testing.B) {
-	requireKernel(b)
+	netnstest.Require(b)
 	for _, n := range benchSizes {
 		rs := Compute(syntheticSnapshot(n, 4))
 		b.Run(fmt.Sprintf("services=%d", n), func(b *testing.B) {
-			k, err := NewKernelApplier(WithNetNS(newNetns(b, "bench").path()))
+			k, err := NewKernelApplier(WithNetNS(netnstest.New(b, "bench").Path()))
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -71,13 +73,13 @@ func BenchmarkKernelColdStart(b *testing.B) {
 // kinds "endpoint-replaced" (same count: map elements only),
 // "endpoint-added" (the Service's rule changes) and "new-service".
 func BenchmarkKernelOneChange(b *testing.B) {
-	requireKernel(b)
+	netnstest.Require(b)
 	for _, n := range benchSizes {
 		for _, kind := range []string{"endpoint-replaced", "endpoint-added", "new-service"} {
 			b.Run(fmt.Sprintf("services=%d/%s", n, kind), func(b *testing.B) {
 				snap := syntheticSnapshot(n, 4)
 				c := NewComputer()
-				k, err := NewKernelApplier(WithNetNS(newNetns(b, "bench").path()))
+				k, err := NewKernelApplier(WithNetNS(netnstest.New(b, "bench").Path()))
 				if err != nil {
 					b.Fatal(err)
 				}

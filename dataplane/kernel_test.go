@@ -22,6 +22,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+
+	"github.com/nftproxy/nftproxy/internal/netnstest"
 )
 
 const kernelTimeout = 2 * time.Second
@@ -29,13 +31,13 @@ const kernelTimeout = 2 * time.Second
 // kernelSnapshot programs the topology's pods as Services: web (dual-stack
 // ClusterIP, NodePort, externalIP), dns (53 on UDP and TCP), lb (a
 // LoadBalancer IP) and empty (no endpoints).
-func kernelSnapshot(tp *topology, webPods ...int) *Snapshot {
+func kernelSnapshot(tp *netnstest.Topology, webPods ...int) *Snapshot {
 	web := service("default", "web", []string{"10.96.0.10", "fd00:96::10"}, []string{"http:80"},
 		withNodePorts(30080), withExternalIPs("203.0.113.10"))
 	var eps4, eps6 []ep
 	for _, i := range webPods {
-		eps4 = append(eps4, ready(tp.pods[i].ipv4.String()))
-		eps6 = append(eps6, ready(tp.pods[i].ipv6.String()))
+		eps4 = append(eps4, ready(tp.Pods[i].IPv4.String()))
+		eps6 = append(eps6, ready(tp.Pods[i].IPv6.String()))
 	}
 	dns := service("kube-system", "dns", []string{"10.96.0.53"}, []string{"dns:53/UDP", "dns-tcp:53/TCP"})
 	lb := service("default", "lb", []string{"10.96.0.20"}, []string{"80"}, withLoadBalancer(corev1.LoadBalancerIngress{IP: "198.51.100.20"}))
@@ -44,24 +46,24 @@ func kernelSnapshot(tp *topology, webPods ...int) *Snapshot {
 		state(web, slice(web, "web-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, eps4...),
 			slice(web, "web-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, eps6...)),
 		state(dns, slice(dns, "dns", discoveryv1.AddressTypeIPv4, []string{"dns:5353/UDP", "dns-tcp:5353/TCP"}, eps4...)),
-		state(lb, slice(lb, "lb", discoveryv1.AddressTypeIPv4, []string{"8080"}, ready(tp.pods[len(tp.pods)-1].ipv4.String()))),
+		state(lb, slice(lb, "lb", discoveryv1.AddressTypeIPv4, []string{"8080"}, ready(tp.Pods[len(tp.Pods)-1].IPv4.String()))),
 		state(empty),
 	)
 	snap.NodeAddresses = []netip.Addr{addr("192.168.0.1"), addr("fd00:1::1"), addr("10.1.0.1"), addr("fd00:10::1"), addr("127.0.0.1")}
 	return snap
 }
 
-func startPods(t *testing.T, tp *topology) {
-	for _, p := range tp.pods {
-		p.serveTCP(t, ":8080", p.name)
-		p.serveTCP(t, ":5353", p.name)
-		p.serveUDP(t, ":5353", p.name)
+func startPods(t *testing.T, tp *netnstest.Topology) {
+	for _, p := range tp.Pods {
+		p.ServeTCP(t, ":8080", p.Name)
+		p.ServeTCP(t, ":5353", p.Name)
+		p.ServeUDP(t, ":5353", p.Name)
 	}
 }
 
-func newApplier(t *testing.T, ns *netns) *KernelApplier {
+func newApplier(t *testing.T, ns *netnstest.NS) *KernelApplier {
 	t.Helper()
-	k, err := NewKernelApplier(WithNetNS(ns.path()))
+	k, err := NewKernelApplier(WithNetNS(ns.Path()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,16 +80,16 @@ func apply(t *testing.T, k *KernelApplier, rs *Ruleset) {
 
 // spread connects n times and counts which server answered and with what
 // source address.
-func spread(t *testing.T, from *netns, target string, n int, udp bool) map[reply]int {
+func spread(t *testing.T, from *netnstest.NS, target string, n int, udp bool) map[netnstest.Reply]int {
 	t.Helper()
-	got := map[reply]int{}
+	got := map[netnstest.Reply]int{}
 	for range n {
-		var r reply
+		var r netnstest.Reply
 		var err error
 		if udp {
-			r, err = from.askUDP(target, kernelTimeout)
+			r, err = from.AskUDP(target, kernelTimeout)
 		} else {
-			r, err = from.askTCP(target, kernelTimeout)
+			r, err = from.AskTCP(target, kernelTimeout)
 		}
 		if err != nil {
 			t.Fatalf("%s: %v", target, err)
@@ -97,22 +99,22 @@ func spread(t *testing.T, from *netns, target string, n int, udp bool) map[reply
 	return got
 }
 
-func servers(got map[reply]int) []string {
+func servers(got map[netnstest.Reply]int) []string {
 	var out []string
 	for r := range got {
-		if !slices.Contains(out, r.server) {
-			out = append(out, r.server)
+		if !slices.Contains(out, r.Server) {
+			out = append(out, r.Server)
 		}
 	}
 	sort.Strings(out)
 	return out
 }
 
-func sources(got map[reply]int) []string {
+func sources(got map[netnstest.Reply]int) []string {
 	var out []string
 	for r := range got {
-		if !slices.Contains(out, r.source.String()) {
-			out = append(out, r.source.String())
+		if !slices.Contains(out, r.Source.String()) {
+			out = append(out, r.Source.String())
 		}
 	}
 	sort.Strings(out)
@@ -120,13 +122,13 @@ func sources(got map[reply]int) []string {
 }
 
 func TestKernelServices(t *testing.T) {
-	requireKernel(t)
-	tp := newTopology(t, 4) // pod3 is no endpoint of web: a plain client pod
+	netnstest.Require(t)
+	tp := netnstest.NewTopology(t, 4) // pod3 is no endpoint of web: a plain client pod
 	startPods(t, tp)
-	k := newApplier(t, tp.node)
+	k := newApplier(t, tp.Node)
 	apply(t, k, Compute(kernelSnapshot(tp, 0, 1, 2)))
 
-	check := func(name string, from *netns, target string, udp bool, wantServers, wantSources []string) {
+	check := func(name string, from *netnstest.NS, target string, udp bool, wantServers, wantSources []string) {
 		t.Run(name, func(t *testing.T) {
 			got := spread(t, from, target, 60, udp)
 			if s := servers(got); !slices.Equal(s, wantServers) {
@@ -138,34 +140,34 @@ func TestKernelServices(t *testing.T) {
 			if len(wantServers) == 3 {
 				for r, n := range got {
 					if n < 5 {
-						t.Errorf("uneven spread: %s answered %d of 60", r.server, n)
+						t.Errorf("uneven spread: %s answered %d of 60", r.Server, n)
 					}
 				}
 			}
 		})
 	}
 	all := []string{"pod0", "pod1", "pod2"}
-	check("ClusterIP from outside the cluster: every endpoint, masqueraded", tp.client, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
-	check("ClusterIP from a pod keeps the pod's source", tp.pods[3].netns, "10.96.0.10:80", false, all, []string{"10.1.0.14"})
-	check("ClusterIP from the node", tp.node, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
-	check("UDP on 53, every endpoint", tp.pods[3].netns, "10.96.0.53:53", true, all, []string{"10.1.0.14"})
-	check("TCP on 53", tp.pods[3].netns, "10.96.0.53:53", false, all, []string{"10.1.0.14"})
-	check("NodePort, masqueraded", tp.client, "192.168.0.1:30080", false, all, []string{"10.1.0.1"})
-	check("externalIP", tp.client, "203.0.113.10:80", false, all, []string{"10.1.0.1"})
-	check("LoadBalancer IP", tp.client, "198.51.100.20:80", false, []string{"pod3"}, []string{"10.1.0.1"})
-	check("IPv6 ClusterIP", tp.client, "[fd00:96::10]:80", false, all, []string{"fd00:10::1"})
-	check("IPv6 ClusterIP from a pod", tp.pods[3].netns, "[fd00:96::10]:80", false, all, []string{"fd00:10::14"})
-	check("IPv6 NodePort", tp.client, "[fd00:1::1]:30080", false, all, []string{"fd00:10::1"})
+	check("ClusterIP from outside the cluster: every endpoint, masqueraded", tp.Client, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
+	check("ClusterIP from a pod keeps the pod's source", tp.Pods[3].NS, "10.96.0.10:80", false, all, []string{"10.1.0.14"})
+	check("ClusterIP from the node", tp.Node, "10.96.0.10:80", false, all, []string{"10.1.0.1"})
+	check("UDP on 53, every endpoint", tp.Pods[3].NS, "10.96.0.53:53", true, all, []string{"10.1.0.14"})
+	check("TCP on 53", tp.Pods[3].NS, "10.96.0.53:53", false, all, []string{"10.1.0.14"})
+	check("NodePort, masqueraded", tp.Client, "192.168.0.1:30080", false, all, []string{"10.1.0.1"})
+	check("externalIP", tp.Client, "203.0.113.10:80", false, all, []string{"10.1.0.1"})
+	check("LoadBalancer IP", tp.Client, "198.51.100.20:80", false, []string{"pod3"}, []string{"10.1.0.1"})
+	check("IPv6 ClusterIP", tp.Client, "[fd00:96::10]:80", false, all, []string{"fd00:10::1"})
+	check("IPv6 ClusterIP from a pod", tp.Pods[3].NS, "[fd00:96::10]:80", false, all, []string{"fd00:10::14"})
+	check("IPv6 NodePort", tp.Client, "[fd00:1::1]:30080", false, all, []string{"fd00:10::1"})
 
 	t.Run("hairpin is masqueraded", func(t *testing.T) {
-		got := spread(t, tp.pods[0].netns, "10.96.0.10:80", 60, false)
+		got := spread(t, tp.Pods[0].NS, "10.96.0.10:80", 60, false)
 		for r := range got {
 			want := "10.1.0.11"
-			if r.server == "pod0" {
+			if r.Server == "pod0" {
 				want = "10.1.0.1"
 			}
-			if r.source.String() != want {
-				t.Errorf("%s saw %s, want %s", r.server, r.source, want)
+			if r.Source.String() != want {
+				t.Errorf("%s saw %s, want %s", r.Server, r.Source, want)
 			}
 		}
 		if len(servers(got)) != 3 {
@@ -173,10 +175,10 @@ func TestKernelServices(t *testing.T) {
 		}
 	})
 
-	refused := func(name string, from *netns, target string) {
+	refused := func(name string, from *netnstest.NS, target string) {
 		t.Run(name, func(t *testing.T) {
 			start := time.Now()
-			_, err := from.askTCP(target, kernelTimeout)
+			_, err := from.AskTCP(target, kernelTimeout)
 			if !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Fatalf("got %v, want connection refused", err)
 			}
@@ -185,19 +187,19 @@ func TestKernelServices(t *testing.T) {
 			}
 		})
 	}
-	refused("no endpoints: refused at once", tp.client, "10.96.0.99:80")
-	refused("no endpoints, from the node", tp.node, "10.96.0.99:80")
-	refused("NodePort without endpoints", tp.client, "192.168.0.1:30099")
-	refused("unused ClusterIP port", tp.client, "10.96.0.10:81")
-	refused("unused ClusterIP port from a pod", tp.pods[0].netns, "10.96.0.10:8080")
+	refused("no endpoints: refused at once", tp.Client, "10.96.0.99:80")
+	refused("no endpoints, from the node", tp.Node, "10.96.0.99:80")
+	refused("NodePort without endpoints", tp.Client, "192.168.0.1:30099")
+	refused("unused ClusterIP port", tp.Client, "10.96.0.10:81")
+	refused("unused ClusterIP port from a pod", tp.Pods[0].NS, "10.96.0.10:8080")
 	t.Run("UDP to an unused ClusterIP port is refused", func(t *testing.T) {
-		if _, err := tp.client.askUDP("10.96.0.10:53", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
+		if _, err := tp.Client.AskUDP("10.96.0.10:53", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Fatalf("got %v, want connection refused", err)
 		}
 	})
 	t.Run("nft lists the table without error", func(t *testing.T) {
 		requireNft(t)
-		cmd := exec.Command("ip", "netns", "exec", tp.node.name, "nft", "list", "ruleset")
+		cmd := exec.Command("ip", "netns", "exec", tp.Node.Name, "nft", "list", "ruleset")
 		var stderr strings.Builder
 		cmd.Stderr = &stderr
 		if err := cmd.Run(); err != nil || stderr.Len() > 0 {
@@ -207,22 +209,22 @@ func TestKernelServices(t *testing.T) {
 }
 
 func TestKernelMasqueradeConfig(t *testing.T) {
-	requireKernel(t)
-	tp := newTopology(t, 2)
+	netnstest.Require(t)
+	tp := netnstest.NewTopology(t, 2)
 	startPods(t, tp)
-	k := newApplier(t, tp.node)
+	k := newApplier(t, tp.Node)
 	snap := kernelSnapshot(tp, 0, 1)
 	snap.Config.NodePortAddresses = []proxyv1alpha1.CIDR{"192.168.0.0/24"}
 	apply(t, k, Compute(snap))
-	if _, err := tp.pods[0].askTCP("10.1.0.1:30080", kernelTimeout); err == nil {
+	if _, err := tp.Pods[0].AskTCP("10.1.0.1:30080", kernelTimeout); err == nil {
 		t.Error("NodePort answered on an address outside nodePortAddresses")
 	}
-	if _, err := tp.client.askTCP("192.168.0.1:30080", kernelTimeout); err != nil {
+	if _, err := tp.Client.AskTCP("192.168.0.1:30080", kernelTimeout); err != nil {
 		t.Errorf("NodePort on a configured address: %v", err)
 	}
 	snap.Config.MasqueradeAll = true
 	apply(t, k, Compute(snap))
-	if got := sources(spread(t, tp.pods[1].netns, "10.96.0.10:80", 10, false)); !slices.Equal(got, []string{"10.1.0.1", "10.1.0.12"}) && !slices.Equal(got, []string{"10.1.0.1"}) {
+	if got := sources(spread(t, tp.Pods[1].NS, "10.96.0.10:80", 10, false)); !slices.Equal(got, []string{"10.1.0.1", "10.1.0.12"}) && !slices.Equal(got, []string{"10.1.0.1"}) {
 		t.Errorf("masqueradeAll: sources %v", got)
 	}
 }
@@ -230,21 +232,21 @@ func TestKernelMasqueradeConfig(t *testing.T) {
 // TestKernelEndpointChanges adds and removes endpoints under an open
 // connection: it survives as long as its endpoint does.
 func TestKernelEndpointChanges(t *testing.T) {
-	requireKernel(t)
-	tp := newTopology(t, 3)
+	netnstest.Require(t)
+	tp := netnstest.NewTopology(t, 3)
 	startPods(t, tp)
-	k := newApplier(t, tp.node)
+	k := newApplier(t, tp.Node)
 	c := NewComputer()
 	apply(t, k, c.Compute(kernelSnapshot(tp, 0, 1)))
 
 	// Hold a connection to pod0.
-	var held *tcpConn
+	var held *netnstest.Conn
 	for range 50 {
-		conn, r, err := tp.client.dialTCP("10.96.0.10:80", kernelTimeout)
+		conn, r, err := tp.Client.DialTCP("10.96.0.10:80", kernelTimeout)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if r.server == "pod0" {
+		if r.Server == "pod0" {
 			held = conn
 			break
 		}
@@ -255,7 +257,7 @@ func TestKernelEndpointChanges(t *testing.T) {
 	}
 	defer func() { _ = held.Close() }()
 	alive := func(step string) {
-		if r, err := held.ask(kernelTimeout); err != nil || r.server != "pod0" {
+		if r, err := held.Ask(); err != nil || r.Server != "pod0" {
 			t.Fatalf("%s: established connection broke: %v %v", step, r, err)
 		}
 	}
@@ -270,17 +272,17 @@ func TestKernelEndpointChanges(t *testing.T) {
 	}
 	for _, s := range steps {
 		apply(t, k, c.Compute(kernelSnapshot(tp, s.pods...)))
-		if got := servers(spread(t, tp.client, "10.96.0.10:80", 40, false)); !slices.Equal(got, s.want) {
+		if got := servers(spread(t, tp.Client, "10.96.0.10:80", 40, false)); !slices.Equal(got, s.want) {
 			t.Errorf("%s: servers %v, want %v", s.name, got, s.want)
 		}
 		alive(s.name)
 	}
 	apply(t, k, c.Compute(kernelSnapshot(tp)))
-	if _, err := tp.client.askTCP("10.96.0.10:80", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
+	if _, err := tp.Client.AskTCP("10.96.0.10:80", kernelTimeout); !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("all endpoints removed: %v, want refused", err)
 	}
 	apply(t, k, c.Compute(kernelSnapshot(tp, 1, 2)))
-	if got := servers(spread(t, tp.client, "10.96.0.10:80", 40, false)); !slices.Equal(got, []string{"pod1", "pod2"}) {
+	if got := servers(spread(t, tp.Client, "10.96.0.10:80", 40, false)); !slices.Equal(got, []string{"pod1", "pod2"}) {
 		t.Errorf("back again: servers %v", got)
 	}
 }
@@ -288,10 +290,10 @@ func TestKernelEndpointChanges(t *testing.T) {
 // TestKernelRestart: a second applier (a restarted agent) replaces the
 // table of the first while a client keeps connecting: no connection fails.
 func TestKernelRestart(t *testing.T) {
-	requireKernel(t)
-	tp := newTopology(t, 2)
+	netnstest.Require(t)
+	tp := netnstest.NewTopology(t, 2)
 	startPods(t, tp)
-	apply(t, newApplier(t, tp.node), Compute(kernelSnapshot(tp, 0, 1)))
+	apply(t, newApplier(t, tp.Node), Compute(kernelSnapshot(tp, 0, 1)))
 
 	stop := make(chan struct{})
 	var failures, attempts int
@@ -307,7 +309,7 @@ func TestKernelRestart(t *testing.T) {
 				return
 			default:
 			}
-			_, err := tp.client.askTCP("10.96.0.10:80", kernelTimeout)
+			_, err := tp.Client.AskTCP("10.96.0.10:80", kernelTimeout)
 			mu.Lock()
 			attempts++
 			if err != nil {
@@ -318,7 +320,7 @@ func TestKernelRestart(t *testing.T) {
 		}
 	}()
 	for range 20 {
-		k := newApplier(t, tp.node)
+		k := newApplier(t, tp.Node)
 		apply(t, k, Compute(kernelSnapshot(tp, 0, 1)))
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -332,9 +334,9 @@ func TestKernelRestart(t *testing.T) {
 // TestKernelOtherTablesUntouched: a table standing for a CNI's survives
 // apply, resync and cleanup unchanged.
 func TestKernelOtherTablesUntouched(t *testing.T) {
-	requireKernel(t)
+	netnstest.Require(t)
 	requireNft(t)
-	tp := newTopology(t, 1)
+	tp := netnstest.NewTopology(t, 1)
 	other := "table inet cni {\n\tset pods { type ipv4_addr; elements = { 10.1.0.11 } }\n\tchain forward {\n\t\ttype filter hook forward priority 0; policy accept;\n\t\tip saddr @pods counter accept\n\t}\n}\n"
 	f, err := os.CreateTemp(t.TempDir(), "cni*.nft")
 	if err != nil {
@@ -346,17 +348,17 @@ func TestKernelOtherTablesUntouched(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatal(err)
 	}
-	tp.node.exec(t, "nft", "-f", f.Name())
-	before := tp.node.exec(t, "nft", "list", "table", "inet", "cni")
+	tp.Node.Exec(t, "nft", "-f", f.Name())
+	before := tp.Node.Exec(t, "nft", "list", "table", "inet", "cni")
 
-	k := newApplier(t, tp.node)
+	k := newApplier(t, tp.Node)
 	c := NewComputer()
 	apply(t, k, c.Compute(kernelSnapshot(tp, 0)))
 	apply(t, k, c.Compute(kernelSnapshot(tp)))
 	if err := k.Replace(context.Background(), c.Compute(kernelSnapshot(tp, 0))); err != nil {
 		t.Fatal(err)
 	}
-	if got := tp.node.exec(t, "nft", "list", "table", "inet", "cni"); got != before {
+	if got := tp.Node.Exec(t, "nft", "list", "table", "inet", "cni"); got != before {
 		t.Errorf("the other table changed:\n%s\nwas:\n%s", got, before)
 	}
 	if err := k.Cleanup(context.Background()); err != nil {
@@ -365,10 +367,10 @@ func TestKernelOtherTablesUntouched(t *testing.T) {
 	if err := k.Cleanup(context.Background()); err != nil {
 		t.Fatalf("second cleanup: %v", err)
 	}
-	if got := tp.node.exec(t, "nft", "list", "ruleset"); !strings.Contains(got, "table inet cni") || strings.Contains(got, TableName) {
+	if got := tp.Node.Exec(t, "nft", "list", "ruleset"); !strings.Contains(got, "table inet cni") || strings.Contains(got, TableName) {
 		t.Errorf("after cleanup:\n%s", got)
 	}
-	if got := tp.node.exec(t, "nft", "list", "table", "inet", "cni"); got != before {
+	if got := tp.Node.Exec(t, "nft", "list", "table", "inet", "cni"); got != before {
 		t.Errorf("cleanup changed the other table:\n%s", got)
 	}
 }
@@ -376,33 +378,33 @@ func TestKernelOtherTablesUntouched(t *testing.T) {
 // TestKernelGolden: what the kernel holds, as nft prints it, matches the
 // golden file (set elements sorted, as their order in a hash is not ours).
 func TestKernelGolden(t *testing.T) {
-	requireKernel(t)
+	netnstest.Require(t)
 	requireNft(t)
-	tp := newTopology(t, 3)
-	k := newApplier(t, tp.node)
+	tp := netnstest.NewTopology(t, 3)
+	k := newApplier(t, tp.Node)
 	apply(t, k, Compute(kernelSnapshot(tp, 0, 1, 2)))
-	golden(t, "kernel-example.nft", normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)))
-	golden(t, "kernel-example.netlink", listOverNetlink(t, tp.node))
+	golden(t, "kernel-example.nft", normalizeNft(tp.Node.Exec(t, "nft", "list", "table", "inet", TableName)))
+	golden(t, "kernel-example.netlink", listOverNetlink(t, tp.Node))
 
 	// And the same after a diff lands on top, compared with a fresh replace.
 	c := NewComputer()
-	k2 := newApplier(t, tp.node)
+	k2 := newApplier(t, tp.Node)
 	apply(t, k2, c.Compute(kernelSnapshot(tp, 0)))
 	apply(t, k2, c.Compute(kernelSnapshot(tp, 0, 1, 2)))
-	afterDiff := normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName))
+	afterDiff := normalizeNft(tp.Node.Exec(t, "nft", "list", "table", "inet", TableName))
 	if err := k2.Replace(context.Background(), c.Compute(kernelSnapshot(tp, 0, 1, 2))); err != nil {
 		t.Fatal(err)
 	}
-	if fresh := normalizeNft(tp.node.exec(t, "nft", "list", "table", "inet", TableName)); fresh != afterDiff {
+	if fresh := normalizeNft(tp.Node.Exec(t, "nft", "list", "table", "inet", TableName)); fresh != afterDiff {
 		t.Errorf("diff-applied table differs from a fresh replace:\n%s\n---\n%s", afterDiff, fresh)
 	}
 }
 
 // listOverNetlink reads our table back with google/nftables: every chain
 // with its hook and rule comments, every set with its elements' count.
-func listOverNetlink(t *testing.T, ns *netns) string {
+func listOverNetlink(t *testing.T, ns *netnstest.NS) string {
 	t.Helper()
-	f, err := os.Open(ns.path())
+	f, err := os.Open(ns.Path())
 	if err != nil {
 		t.Fatal(err)
 	}

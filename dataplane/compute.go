@@ -285,7 +285,7 @@ func markAll(list []claimant, dirty map[types.NamespacedName]bool) {
 // resolve builds a Service's rules from its fragment, keeping the claims
 // it wins and reporting those another Service holds.
 func (c *Computer) resolve(svc types.NamespacedName, fr *fragment) *ServiceRules {
-	r := &ServiceRules{Chains: fr.chains, Problems: slices.Clone(fr.problems),
+	r := &ServiceRules{Chains: fr.chains, Problems: slices.Clone(fr.problems), Ports: fr.ports, HealthCheckNodePort: fr.healthCheckNodePort,
 		Elements: make([]Element, len(fr.owned), len(fr.owned)+len(fr.claims))}
 	copy(r.Elements, fr.owned)
 	for i, cl := range fr.claims {

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -354,4 +355,47 @@ func (r *byteReader) num() string {
 
 func (r *byteReader) word() string {
 	return []string{"", "1.2.3", "10.96.0.300", "::1%eth0", "fe80::1"}[r.next()%5]
+}
+
+// TestPortSummaries checks what the agent reads of each Service: frontends
+// and endpoints per port and family, local endpoint counts, and the health
+// check port of LoadBalancer Services with externalTrafficPolicy Local.
+func TestPortSummaries(t *testing.T) {
+	snap := exampleSnapshot()
+	lbKey := types.NamespacedName{Namespace: "default", Name: "lb"}
+	lb := snap.Services[lbKey].Service.DeepCopy()
+	lb.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal
+	lb.Spec.HealthCheckNodePort = 32000
+	snap.Services[lbKey] = ServiceState{Service: lb, Slices: snap.Services[lbKey].Slices}
+	rs := Compute(snap)
+
+	web := rs.Services[types.NamespacedName{Namespace: "default", Name: "web"}]
+	if web.HealthCheckNodePort != 0 {
+		t.Errorf("web: health check port %d, want none", web.HealthCheckNodePort)
+	}
+	want := []PortSummary{
+		{Family: IPv4, Proto: TCP, NodePort: 30080, LocalEndpoints: 2,
+			Frontends: []netip.AddrPort{netip.MustParseAddrPort("10.96.0.10:80"), netip.MustParseAddrPort("203.0.113.10:80")},
+			Endpoints: []netip.AddrPort{netip.MustParseAddrPort("10.1.0.11:8080"), netip.MustParseAddrPort("10.1.0.12:8080")}},
+		{Family: IPv4, Proto: TCP, NodePort: 30443, LocalEndpoints: 2,
+			Frontends: []netip.AddrPort{netip.MustParseAddrPort("10.96.0.10:443"), netip.MustParseAddrPort("203.0.113.10:443")},
+			Endpoints: []netip.AddrPort{netip.MustParseAddrPort("10.1.0.11:8443"), netip.MustParseAddrPort("10.1.0.12:8443")}},
+	}
+	if diff := cmp.Diff(want, web.Ports, cmpopts.EquateComparable(netip.AddrPort{})); diff != "" {
+		t.Errorf("web ports (-want +got):\n%s", diff)
+	}
+	dns := rs.Services[types.NamespacedName{Namespace: "kube-system", Name: "kube-dns"}]
+	var udp []netip.AddrPort
+	for _, p := range dns.Ports {
+		if p.Proto == UDP {
+			udp = append(udp, p.Endpoints...)
+		}
+	}
+	if want := []netip.AddrPort{netip.MustParseAddrPort("10.1.0.21:5353"), netip.MustParseAddrPort("[fd00:10::21]:5353")}; !slices.Equal(udp, want) {
+		t.Errorf("kube-dns UDP endpoints %v, want %v", udp, want)
+	}
+	got := rs.Services[lbKey]
+	if got.HealthCheckNodePort != 32000 || got.LocalEndpoints() != 1 {
+		t.Errorf("lb: health check port %d with %d local endpoints, want 32000 with 1 (the terminating fallback)", got.HealthCheckNodePort, got.LocalEndpoints())
+	}
 }

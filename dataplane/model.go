@@ -93,6 +93,40 @@ type ServiceRules struct {
 	// malformed address, an unknown protocol, a frontend another Service
 	// holds); the rest of the Service is programmed.
 	Problems []string
+	// Ports summarise what each Service port in each family was
+	// programmed with, for the agent: metrics, health checks and conntrack
+	// cleanup read them instead of re-deriving the Service's semantics.
+	Ports []PortSummary
+	// HealthCheckNodePort is the Service's spec.healthCheckNodePort when
+	// this node must answer health checks for it (a LoadBalancer Service
+	// with externalTrafficPolicy Local), else 0.
+	HealthCheckNodePort uint16
+}
+
+// PortSummary is one Service port in one family as programmed.
+type PortSummary struct {
+	Family Family
+	Proto  Protocol
+	// Frontends are the Service's addresses with this port: the ClusterIP,
+	// then externalIPs and LoadBalancer IPs, whether or not another Service
+	// holds them too.
+	Frontends []netip.AddrPort
+	// NodePort is the port's NodePort, 0 if none.
+	NodePort uint16
+	// Endpoints are every endpoint traffic to this port may be sent to.
+	Endpoints []netip.AddrPort
+	// LocalEndpoints counts the usable endpoints on this node.
+	LocalEndpoints int
+}
+
+// LocalEndpoints is the Service's count of usable endpoints on this node:
+// the most over its ports and families, as health checks report it.
+func (r *ServiceRules) LocalEndpoints() int {
+	n := 0
+	for _, p := range r.Ports {
+		n = max(n, p.LocalEndpoints)
+	}
+	return n
 }
 
 // Set declares a named set or map of the table.

@@ -80,6 +80,9 @@ type fragment struct {
 	// entries, at indexes allocated to it alone.
 	owned    []Element
 	problems []string
+	ports    []PortSummary
+	// healthCheckNodePort: see ServiceRules.
+	healthCheckNodePort uint16
 }
 
 // indexSource hands a Service port's chain a run of n indexes in the
@@ -174,20 +177,28 @@ func portEndpoints(slicesOf []*discoveryv1.EndpointSlice, f Family, portName str
 // usableEndpoints are the ready endpoints or, when none is ready, those
 // still serving while they terminate, so a rollout does not fail
 // connections.
-func usableEndpoints(eps []endpoint) []netip.AddrPort {
-	var ready, terminating []netip.AddrPort
+func usableEndpoints(eps []endpoint) []endpoint {
+	var ready, terminating []endpoint
 	for _, ep := range eps {
 		switch {
 		case ep.ready:
-			ready = append(ready, ep.addr)
+			ready = append(ready, ep)
 		case ep.serving && ep.terminating:
-			terminating = append(terminating, ep.addr)
+			terminating = append(terminating, ep)
 		}
 	}
 	if len(ready) > 0 {
 		return ready
 	}
 	return terminating
+}
+
+func endpointAddrs(eps []endpoint) []netip.AddrPort {
+	out := make([]netip.AddrPort, len(eps))
+	for i, ep := range eps {
+		out[i] = ep.addr
+	}
+	return out
 }
 
 func ptrValue[T any](p *T) T {
@@ -282,6 +293,11 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 		}
 	}
 
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer && svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal &&
+		svc.Spec.HealthCheckNodePort > 0 && svc.Spec.HealthCheckNodePort <= 65535 {
+		fr.healthCheckNodePort = uint16(svc.Spec.HealthCheckNodePort)
+	}
+
 	clusterIPComment := key.Namespace + "/" + key.Name
 	for _, f := range Families {
 		vip, ok := clusterIPs[f]
@@ -345,7 +361,21 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings, indexes indexSource) {
 	portID := servicePortID(key, proto, port.Port)
 	comment := frontendComment(key, port.Name, port.Port)
-	eps := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
+	usable := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
+	eps := endpointAddrs(usable)
+	summary := PortSummary{Family: f, Proto: proto, Frontends: []netip.AddrPort{netip.AddrPortFrom(vip, uint16(port.Port))}, Endpoints: eps}
+	for _, ep := range usable {
+		if ep.nodeName != "" && ep.nodeName == s.nodeName {
+			summary.LocalEndpoints++
+		}
+	}
+	for _, ext := range external {
+		summary.Frontends = append(summary.Frontends, netip.AddrPortFrom(ext.addr, uint16(port.Port)))
+	}
+	if port.NodePort > 0 && port.NodePort <= 65535 {
+		summary.NodePort = uint16(port.NodePort)
+	}
+	fr.ports = append(fr.ports, summary)
 
 	ipMap, nodePortMap := familySet(setServiceIPs, f), familySet(setServiceNodePorts, f)
 	clusterTarget, externalTarget := Goto(serviceChainName(f, portID)), Goto(externalChainName(f, portID))

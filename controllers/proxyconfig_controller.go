@@ -14,6 +14,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -130,5 +131,6 @@ func (r *ConfigReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Named("proxyconfig").
 		For(&proxyv1alpha1.ProxyConfig{}, builder.WithPredicates(named, predicate.GenerationChangedPredicate{})).
 		WatchesRawSource(atStart).
+		WithOptions(controller.Options{NeedLeaderElection: boolPtr(false)}).
 		Complete(r)
 }

@@ -13,34 +13,35 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
-	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
-	"github.com/nftproxy/nftproxy/controllers"
+	"github.com/nftproxy/nftproxy/dataplane"
+	"github.com/nftproxy/nftproxy/internal/agent"
 	"github.com/nftproxy/nftproxy/internal/version"
 )
 
 // options are the agent's command-line settings. Everything a cluster admin
 // tunes at run time lives in the ProxyConfig instead.
 type options struct {
-	kubeconfig         string
-	nodeName           string
-	configName         string
-	metricsAddress     string
-	healthProbeAddress string
-	printVersion       bool
-	zap                zap.Options
+	kubeconfig              string
+	nodeName                string
+	configName              string
+	metricsAddress          string
+	metricsSecure           bool
+	healthProbeAddress      string
+	leaderElect             bool
+	leaderElectionNamespace string
+	netns                   string
+	printVersion            bool
+	zap                     zap.Options
 }
 
 func main() {
@@ -61,8 +62,10 @@ func run(args []string, stdout io.Writer) error {
 		case "version":
 			_, err := fmt.Fprintln(stdout, version.String())
 			return err
+		case "cleanup":
+			return cleanup(args[1:], stdout)
 		default:
-			return fmt.Errorf("unknown command %q (commands: version; run with no command to start the agent)", args[0])
+			return fmt.Errorf("unknown command %q (commands: version, cleanup; run with no command to start the agent)", args[0])
 		}
 	}
 	opts, err := parseFlags(args)
@@ -77,6 +80,34 @@ func run(args []string, stdout io.Writer) error {
 	return runAgent(ctrl.SetupSignalHandler(), opts)
 }
 
+// cleanup deletes nftproxy's table, and nothing else, then exits.
+func cleanup(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("nftproxy cleanup", flag.ContinueOnError)
+	netns := fs.String("netns", "", "Path of the network namespace to clean instead of the current one.")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	var kopts []dataplane.KernelOption
+	if *netns != "" {
+		kopts = append(kopts, dataplane.WithNetNS(*netns))
+	}
+	k, err := dataplane.NewKernelApplier(kopts...)
+	if err != nil {
+		return fmt.Errorf("opening nftables: %w", err)
+	}
+	defer func() { _ = k.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := k.Cleanup(ctx); err != nil {
+		return fmt.Errorf("deleting table inet %s: %w", dataplane.TableName, err)
+	}
+	_, err = fmt.Fprintf(stdout, "Deleted table inet %s (if it existed); nothing else was touched.\n", dataplane.TableName)
+	return err
+}
+
 // parseFlags reads the agent's flags.
 func parseFlags(args []string) (options, error) {
 	var opts options
@@ -89,8 +120,16 @@ func parseFlags(args []string) (options, error) {
 		"Name of the cluster-scoped ProxyConfig this agent follows; defaults apply while it does not exist.")
 	fs.StringVar(&opts.metricsAddress, "metrics-bind-address", "127.0.0.1:10249",
 		"Address of the Prometheus metrics endpoint; \"0\" turns it off.")
+	fs.BoolVar(&opts.metricsSecure, "metrics-secure", false,
+		"Serve metrics over HTTPS to clients the API server authenticates and authorizes (GET on the /metrics non-resource URL).")
 	fs.StringVar(&opts.healthProbeAddress, "health-probe-bind-address", ":10256",
 		"Address of the /healthz and /readyz endpoints; \"0\" turns them off.")
+	fs.BoolVar(&opts.leaderElect, "leader-elect", true,
+		"Elect one agent per ProxyConfig to write its status and the Services' Events.")
+	fs.StringVar(&opts.leaderElectionNamespace, "leader-election-namespace", defaultNamespace(),
+		"Namespace of the leader election Lease; $POD_NAMESPACE, else nftproxy-system, by default.")
+	fs.StringVar(&opts.netns, "netns", "",
+		"Program the network namespace at this path (e.g. /run/netns/node-a) instead of the agent's own; for tests and demos.")
 	fs.BoolVar(&opts.printVersion, "version", false, "Print the version and exit.")
 	opts.zap.BindFlags(fs)
 	if err := fs.Parse(args); err != nil {
@@ -116,6 +155,13 @@ func defaultNodeName() string {
 	return strings.ToLower(name)
 }
 
+func defaultNamespace() string {
+	if ns := os.Getenv("POD_NAMESPACE"); ns != "" {
+		return ns
+	}
+	return "nftproxy-system"
+}
+
 // loadRESTConfig reads the kubeconfig at path, or finds one as kubectl and
 // in-cluster clients do when path is empty.
 func loadRESTConfig(path string) (*rest.Config, error) {
@@ -125,8 +171,8 @@ func loadRESTConfig(path string) (*rest.Config, error) {
 	return ctrl.GetConfig()
 }
 
-// runAgent starts the manager and blocks until ctx ends. The node's rules
-// stay in the kernel when it returns, so a restart does not cut traffic.
+// runAgent runs the agent until ctx ends. The node's rules stay in the
+// kernel when it returns, so a restart does not cut traffic.
 func runAgent(ctx context.Context, opts options) error {
 	logger := ctrl.Log.WithName("setup")
 	logger.Info("Starting nftproxy", "version", version.String(), "node", opts.nodeName, "proxyConfig", opts.configName)
@@ -142,38 +188,23 @@ func runAgent(ctx context.Context, opts options) error {
 	if err := proxyv1alpha1.AddToScheme(scheme); err != nil {
 		return err
 	}
-
-	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
-		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: opts.metricsAddress},
-		HealthProbeBindAddress: opts.healthProbeAddress,
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			// Watch only this agent's ProxyConfig, not every node group's.
-			&proxyv1alpha1.ProxyConfig{}: {Field: fields.OneTermEqualSelector("metadata.name", opts.configName)},
-		}},
+	a, err := agent.New(ctx, agent.Options{
+		RESTConfig:              restConfig,
+		Scheme:                  scheme,
+		NodeName:                opts.nodeName,
+		ConfigName:              opts.configName,
+		MetricsAddress:          opts.metricsAddress,
+		MetricsSecure:           opts.metricsSecure,
+		HealthProbeAddress:      opts.healthProbeAddress,
+		LeaderElection:          opts.leaderElect,
+		LeaderElectionNamespace: opts.leaderElectionNamespace,
+		NetNS:                   opts.netns,
 	})
 	if err != nil {
-		return fmt.Errorf("creating manager: %w", err)
-	}
-
-	configs := &controllers.ConfigStore{}
-	if err := (&controllers.ConfigReconciler{
-		Reader: mgr.GetClient(),
-		Name:   opts.configName,
-		Store:  configs,
-	}).SetupWithManager(mgr); err != nil {
-		return fmt.Errorf("setting up the ProxyConfig controller: %w", err)
-	}
-
-	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 		return err
 	}
-	if err := mgr.AddReadyzCheck("proxyconfig", configs.ReadyCheck); err != nil {
-		return err
-	}
-
-	if err := mgr.Start(ctx); err != nil {
-		return fmt.Errorf("running manager: %w", err)
+	if err := a.Start(ctx); err != nil {
+		return fmt.Errorf("running the agent: %w", err)
 	}
 	logger.Info("Stopped; the node's rules stay in place")
 	return nil

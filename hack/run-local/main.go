@@ -4,6 +4,9 @@
 // ProxyConfig CRD and the sample ProxyConfig, writes an admin kubeconfig to
 // bin/local/kubeconfig and runs the agent until Ctrl-C, then removes it all.
 //
+// The agent programs a network namespace of its own (nftproxy-local-<pid>),
+// never this machine's own ruleset, so it needs root (for `ip netns`).
+//
 //	go run ./hack/run-local [--agent bin/nftproxy] [-- agent flags...]
 package main
 
@@ -73,14 +76,26 @@ func run(agentPath string, agentArgs []string) error {
 		return err
 	}
 
+	netns := fmt.Sprintf("nftproxy-local-%d", os.Getpid())
+	if out, err := exec.Command("ip", "netns", "add", netns).CombinedOutput(); err != nil {
+		return fmt.Errorf("creating network namespace %s (needs root): %w: %s", netns, err, out)
+	}
+	defer func() {
+		if out, err := exec.Command("ip", "netns", "delete", netns).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "run-local: deleting network namespace %s: %v: %s\n", netns, err, out)
+		}
+	}()
+
 	fmt.Printf("Local API server up. Try, in another shell:\n"+
 		"  kubectl --kubeconfig %s get proxyconfigs\n"+
 		"  kubectl --kubeconfig %s edit proxyconfig default   # the agent logs the change\n"+
-		"Ctrl-C stops the agent and the API server.\n\n", kubeconfigPath, kubeconfigPath)
+		"  ip netns exec %s nft list table inet nftproxy     # the rules it wrote\n"+
+		"Ctrl-C stops the agent and the API server.\n\n", kubeconfigPath, kubeconfigPath, netns)
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	cmd := exec.Command(agentPath, append([]string{"--kubeconfig", kubeconfigPath}, agentArgs...)...)
+	args := append([]string{"--kubeconfig", kubeconfigPath, "--netns", "/run/netns/" + netns, "--leader-elect=false"}, agentArgs...)
+	cmd := exec.Command(agentPath, args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting the agent: %w", err)

@@ -24,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
+	"github.com/nftproxy/nftproxy/internal/netnstest"
 	"github.com/nftproxy/nftproxy/test/testenv"
 )
 
@@ -32,6 +33,7 @@ import (
 // it becomes ready with no ProxyConfig, follows its ProxyConfig as it is
 // created and deleted, and stops cleanly on SIGTERM.
 func TestAgentBinary(t *testing.T) {
+	netnstest.Require(t)
 	env := testenv.Start(t)
 	ctx := context.Background()
 	binary := buildAgent(t)
@@ -63,12 +65,15 @@ func TestAgentBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The agent programs a namespace of the test's, never this machine.
+	node := netnstest.New(t, "node")
 	healthAddress, metricsAddress := freeLoopbackAddress(t), freeLoopbackAddress(t)
 	agent := startAgent(t, binary,
 		"--kubeconfig", kubeconfigPath,
 		"--node-name", "envtest-node",
 		"--health-probe-bind-address", healthAddress,
 		"--metrics-bind-address", metricsAddress,
+		"--netns", node.Path(),
 	)
 
 	waitFor(t, 60*time.Second, "the agent to report ready", func() error {
@@ -81,6 +86,9 @@ func TestAgentBinary(t *testing.T) {
 		t.Errorf("/metrics: %v", err)
 	}
 	agent.waitForConfig(t, func(c loggedConfig) bool { return c.FromDefaults })
+	if out, err := node.Run("nft", "list", "table", "inet", "nftproxy"); err != nil {
+		t.Errorf("no nftproxy table in the agent's namespace once ready: %v: %s", err, out)
+	}
 
 	// Another node group's ProxyConfig must not be picked up.
 	other := &proxyv1alpha1.ProxyConfig{ObjectMeta: metav1.ObjectMeta{Name: "other"}}
@@ -125,6 +133,21 @@ func TestAgentBinary(t *testing.T) {
 	}
 	if !strings.Contains(agent.output.String(), "Stopped; the node's rules stay in place") {
 		t.Errorf("no clean-stop line in the output:\n%s", agent.output.String())
+	}
+	if out, err := node.Run("nft", "list", "table", "inet", "nftproxy"); err != nil {
+		t.Errorf("the rules did not survive SIGTERM: %v: %s", err, out)
+	}
+
+	// cleanup removes our table and nothing else.
+	node.Exec(t, "nft", "add table inet cni; add chain inet cni forward { type filter hook forward priority 0; }")
+	if out, err := exec.Command(binary, "cleanup", "--netns", node.Path()).CombinedOutput(); err != nil {
+		t.Fatalf("nftproxy cleanup: %v: %s", err, out)
+	}
+	if out, err := node.Run("nft", "list", "table", "inet", "nftproxy"); err == nil {
+		t.Errorf("our table survived cleanup:\n%s", out)
+	}
+	if out, err := node.Run("nft", "list", "chain", "inet", "cni", "forward"); err != nil {
+		t.Errorf("cleanup touched another table: %v: %s", err, out)
 	}
 }
 

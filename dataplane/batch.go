@@ -196,6 +196,28 @@ func (b *batch) flushChain(name string) {
 	b.end()
 }
 
+// flushTableRules deletes every rule of every chain in our table.
+func (b *batch) flushTableRules() {
+	b.msg(unix.NFT_MSG_DELRULE, 0, "flush", "table")
+	b.str(unix.NFTA_RULE_TABLE, TableName)
+	b.end()
+}
+
+func (b *batch) delSet(name string) {
+	b.msg(unix.NFT_MSG_DELSET, 0, "delete set", name)
+	b.str(unix.NFTA_SET_TABLE, TableName)
+	b.str(unix.NFTA_SET_NAME, name)
+	b.end()
+}
+
+// flushSet deletes every element of a set or map.
+func (b *batch) flushSet(name string) {
+	b.msg(unix.NFT_MSG_DELSETELEM, 0, "flush set", name)
+	b.str(unix.NFTA_SET_ELEM_LIST_TABLE, TableName)
+	b.str(unix.NFTA_SET_ELEM_LIST_SET, name)
+	b.end()
+}
+
 // addRules appends a chain's rules.
 func (b *batch) addRules(c *Chain) {
 	for _, r := range c.Rules {

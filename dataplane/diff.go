@@ -8,15 +8,46 @@ import (
 // tableComment labels our table in `nft list ruleset`.
 const tableComment = "nftproxy: Kubernetes Services (managed; do not edit)"
 
-// writeReplace fills b with a transaction that swaps whatever table of
-// ours the kernel has for rs, atomically: add (so that the delete cannot
-// fail), delete, and build anew.
-func writeReplace(b *batch, rs *Ruleset) {
+// writeReplace fills b with a transaction that rewrites our table in the
+// kernel as rs, atomically, whatever it held: every rule is flushed, the
+// stale chains and sets the kernel has (named in stale) are deleted, and
+// the rest is added anew. The table and the chains both versions share,
+// base chains above all, stay: deleting a base chain and adding it again
+// unhooks and re-hooks it, and a packet arriving in between passes
+// unDNATed (measured: about one connection in 7,000 refused while agents
+// took over from each other).
+func writeReplace(b *batch, rs *Ruleset, stale kernelObjects) {
+	b.addTable(tableComment)
+	b.flushTableRules()
+	for _, name := range stale.chains {
+		b.delChain(name)
+	}
+	for _, name := range stale.sets {
+		b.delSet(name)
+	}
+	writeContents(b, rs)
+}
+
+// writeRebuild fills b with a transaction that deletes our table, if there
+// is one, and builds rs from nothing: for when the kernel's table cannot
+// be rewritten in place (a set or base chain of another shape, as after
+// an upgrade).
+func writeRebuild(b *batch, rs *Ruleset) {
 	b.addTable("")
 	b.delTable()
 	b.addTable(tableComment)
+	writeContents(b, rs)
+}
+
+// kernelObjects names chains and sets found in the kernel's table.
+type kernelObjects struct{ chains, sets []string }
+
+// writeContents adds every set, chain, rule and element of rs; a set that
+// exists already is flushed first.
+func writeContents(b *batch, rs *Ruleset) {
 	for _, s := range rs.Base.Sets {
 		b.addSet(s)
+		b.flushSet(s.Name)
 	}
 	chains := allChains(rs)
 	for _, c := range chains {

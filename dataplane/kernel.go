@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -31,13 +32,15 @@ type BatchStats struct {
 }
 
 // KernelApplier programs our nftables table over netlink. It remembers
-// what it last applied and sends only the difference; it never lists the
-// kernel's ruleset. The first Apply, and the first after a failed one,
-// replaces the whole table in one transaction, so taking over from a
-// previous agent (or repairing a table someone edited) leaves no moment
-// without rules. It is not safe for concurrent use.
+// what it last applied and sends only the difference; it reads the kernel
+// only to name the chains and sets of its table when it replaces it. The
+// first Apply, and the first after a failed one, replaces the whole table
+// in one transaction, so taking over from a previous agent (or repairing
+// a table someone edited) leaves no moment without rules. It is not safe
+// for concurrent use.
 type KernelApplier struct {
 	conn    *netlink.Conn
+	netns   string // the namespace programmed; "" for the caller's
 	raw     syscall.RawConn
 	applied *Ruleset
 	seq     uint32
@@ -80,7 +83,7 @@ func NewKernelApplier(opts ...KernelOption) (*KernelApplier, error) {
 		_ = conn.Close()
 		return nil, fmt.Errorf("nf_tables netlink socket: %w", err)
 	}
-	k := &KernelApplier{conn: conn, raw: raw, seq: uint32(time.Now().UnixNano())}
+	k := &KernelApplier{conn: conn, raw: raw, netns: o.netns, seq: uint32(time.Now().UnixNano())}
 	// Errors carry only the failing message's header, not its payload, so
 	// one reply stays small.
 	if err := k.setsockopt(unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1); err != nil {
@@ -120,16 +123,96 @@ func (k *KernelApplier) Apply(ctx context.Context, rs *Ruleset) error {
 }
 
 // Replace swaps the kernel's table for rs in one transaction, whatever the
-// kernel had.
+// kernel had. It lists the names of the table's chains and sets first (the
+// only time the applier reads the kernel), to rewrite the table in place;
+// when that fails it rebuilds the table from nothing.
 func (k *KernelApplier) Replace(ctx context.Context, rs *Ruleset) error {
 	k.applied = nil
+	found, err := k.listTable()
+	if err == nil {
+		b := newBatch(estimateSize(rs), k.seq)
+		writeReplace(b, rs, found.staleFor(rs))
+		if err = k.send(ctx, b, true); err == nil {
+			k.applied = rs
+			return nil
+		}
+	}
 	b := newBatch(estimateSize(rs), k.seq)
-	writeReplace(b, rs)
-	if err := k.send(ctx, b, true); err != nil {
-		return err
+	writeRebuild(b, rs)
+	if rerr := k.send(ctx, b, true); rerr != nil {
+		return fmt.Errorf("rebuilding the table (rewriting it in place failed: %w): %w", err, rerr)
 	}
 	k.applied = rs
 	return nil
+}
+
+// listTable names the chains and sets of our table in the kernel; none
+// when there is no table.
+func (k *KernelApplier) listTable() (kernelObjects, error) {
+	var opts []nftables.ConnOption
+	if k.netns != "" {
+		f, err := os.Open(k.netns)
+		if err != nil {
+			return kernelObjects{}, fmt.Errorf("open network namespace: %w", err)
+		}
+		defer func() { _ = f.Close() }()
+		opts = append(opts, nftables.WithNetNSFd(int(f.Fd())))
+	}
+	conn, err := nftables.New(opts...)
+	if err != nil {
+		return kernelObjects{}, err
+	}
+	table, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet)
+	if errors.Is(err, unix.ENOENT) {
+		return kernelObjects{}, nil
+	}
+	if err != nil {
+		return kernelObjects{}, fmt.Errorf("list table: %w", err)
+	}
+	chains, err := conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return kernelObjects{}, fmt.Errorf("list chains: %w", err)
+	}
+	sets, err := conn.GetSets(table)
+	if err != nil {
+		return kernelObjects{}, fmt.Errorf("list sets: %w", err)
+	}
+	var found kernelObjects
+	for _, c := range chains {
+		if c.Table.Name == TableName {
+			found.chains = append(found.chains, c.Name)
+		}
+	}
+	for _, s := range sets {
+		if !s.Anonymous {
+			found.sets = append(found.sets, s.Name)
+		}
+	}
+	return found, nil
+}
+
+// staleFor is what of found rs does not have.
+func (found kernelObjects) staleFor(rs *Ruleset) kernelObjects {
+	wanted := map[string]bool{}
+	for _, c := range allChains(rs) {
+		wanted[c.Name] = true
+	}
+	var stale kernelObjects
+	for _, name := range found.chains {
+		if !wanted[name] {
+			stale.chains = append(stale.chains, name)
+		}
+	}
+	clear(wanted)
+	for _, s := range rs.Base.Sets {
+		wanted[s.Name] = true
+	}
+	for _, name := range found.sets {
+		if !wanted[name] {
+			stale.sets = append(stale.sets, name)
+		}
+	}
+	return stale
 }
 
 // Cleanup deletes our table, if there is one, and nothing else.

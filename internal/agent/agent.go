@@ -28,6 +28,8 @@ import (
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
 	"github.com/nftproxy/nftproxy/controllers"
 	"github.com/nftproxy/nftproxy/dataplane"
+	"github.com/nftproxy/nftproxy/internal/conntrack"
+	"github.com/nftproxy/nftproxy/internal/healthcheck"
 )
 
 // Options configure an agent. Everything a cluster admin tunes while the
@@ -53,6 +55,8 @@ type Options struct {
 	NetNS string
 	// Applier overrides the kernel applier (tests).
 	Applier dataplane.Applier
+	// ConntrackDeleter overrides the kernel's conntrack (tests).
+	ConntrackDeleter FlowDeleter
 	// Registry takes the agent's metrics; controller-runtime's, which the
 	// metrics endpoint serves, when nil.
 	Registry prometheus.Registerer
@@ -139,7 +143,38 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		n, _ := a.State.Pending()
 		return float64(n)
 	})
+	a.closers = append(a.closers, func() error { a.Metrics.unregister(registry); return nil })
 	reporter := newProblemReporter(mgr.GetEventRecorder("nftproxy"), mgr.Elected())
+	hooks := []func(context.Context, SyncResult){a.Metrics.countObjects, reporter.afterSync}
+
+	healthOpts := []healthcheck.Option{
+		healthcheck.WithLogger(ctrl.Log.WithName("healthcheck")),
+		healthcheck.WithProxyHealthy(func() bool { return a.Syncer.Healthy(time.Now()) == nil }),
+	}
+	if opts.NetNS != "" {
+		healthOpts = append(healthOpts, healthcheck.WithListenFunc(listenInNetNS(opts.NetNS)))
+	}
+	health, err := healthcheck.New(healthOpts...)
+	if err != nil {
+		return nil, err
+	}
+	a.closers = append(a.closers, health.Close)
+	hooks = append(hooks, (&healthChecks{server: health, log: ctrl.Log.WithName("healthcheck")}).afterSync)
+
+	deleter := opts.ConntrackDeleter
+	if deleter == nil {
+		var copts []conntrack.Option
+		if opts.NetNS != "" {
+			copts = append(copts, conntrack.WithNetNS(opts.NetNS))
+		}
+		cleaner, err := conntrack.New(copts...)
+		if err != nil {
+			return nil, fmt.Errorf("opening conntrack: %w", err)
+		}
+		a.closers = append(a.closers, cleaner.Close)
+		deleter = cleaner
+	}
+	hooks = append(hooks, (&conntrackCleanup{deleter: deleter, log: ctrl.Log.WithName("conntrack"), metrics: a.Metrics}).afterSync)
 	a.Syncer = &Syncer{
 		State:    a.State,
 		Applier:  applier,
@@ -155,7 +190,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		Load: func(ctx context.Context) error {
 			return controllers.LoadServices(ctx, mgr.GetClient(), a.State)
 		},
-		AfterSync: []func(context.Context, SyncResult){a.Metrics.countObjects, reporter.afterSync},
+		AfterSync: hooks,
 	}
 	if err := mgr.Add(a.Syncer); err != nil {
 		return nil, err

@@ -25,6 +25,7 @@ import (
 
 	proxyv1alpha1 "github.com/nftproxy/nftproxy/api/v1alpha1"
 	"github.com/nftproxy/nftproxy/dataplane"
+	"github.com/nftproxy/nftproxy/internal/conntrack"
 	"github.com/nftproxy/nftproxy/test/testenv"
 )
 
@@ -99,6 +100,19 @@ func (r *recordingApplier) Replace(_ context.Context, rs *dataplane.Ruleset) err
 
 func (r *recordingApplier) Cleanup(context.Context) error { return nil }
 
+// recordingDeleter stands for the kernel's conntrack table.
+type recordingDeleter struct {
+	mu    sync.Mutex
+	flows []conntrack.Flow
+}
+
+func (d *recordingDeleter) Delete(_ context.Context, flows []conntrack.Flow) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.flows = append(d.flows, flows...)
+	return 0, nil
+}
+
 func (r *recordingApplier) failNext(n int, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -115,6 +129,7 @@ func (r *recordingApplier) stats() (writes, replaces int, last *dataplane.Rulese
 }
 
 type testAgent struct {
+	deleter recordingDeleter
 	*Agent
 	applier *recordingApplier
 	node    string
@@ -132,6 +147,8 @@ func startAgent(t *testing.T, mutate ...func(*Options)) *testAgent {
 		NodeName: ta.node, ConfigName: ta.config,
 		MetricsAddress: "0", HealthProbeAddress: "0",
 		Applier: ta.applier, Registry: prometheus.NewRegistry(),
+		// Never the host's conntrack table.
+		ConntrackDeleter: &ta.deleter,
 	}
 	for _, m := range mutate {
 		m(&opts)

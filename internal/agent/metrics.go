@@ -25,6 +25,10 @@ type Metrics struct {
 	objects             *prometheus.GaugeVec
 	batchBytes          prometheus.Gauge
 	batchMessages       prometheus.Gauge
+	conntrackDeleted    prometheus.Counter
+	conntrackFailures   prometheus.Counter
+
+	collectors []prometheus.Collector
 
 	// counts per Service, so each sync recounts only what changed.
 	counts map[any]serviceCounts
@@ -89,11 +93,29 @@ func NewMetrics(reg prometheus.Registerer, pending func() float64) *Metrics {
 			Name: "nftproxy_sync_netlink_messages",
 			Help: "Netlink messages in the last write.",
 		}),
+		conntrackDeleted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "nftproxy_conntrack_cleanup_entries_deleted_total",
+			Help: "Stale UDP conntrack entries deleted after writes.",
+		}),
+		conntrackFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "nftproxy_conntrack_cleanup_failures_total",
+			Help: "UDP conntrack cleanups that failed, in whole or in part.",
+		}),
 		counts: map[any]serviceCounts{},
 	}
-	reg.MustRegister(m.syncDuration, m.fullSyncDuration, m.partialSyncDuration, m.lastSync, m.programming,
-		m.failures, m.pending, m.services, m.endpoints, m.objects, m.batchBytes, m.batchMessages)
+	m.collectors = []prometheus.Collector{m.syncDuration, m.fullSyncDuration, m.partialSyncDuration, m.lastSync, m.programming,
+		m.failures, m.pending, m.services, m.endpoints, m.objects, m.batchBytes, m.batchMessages,
+		m.conntrackDeleted, m.conntrackFailures}
+	reg.MustRegister(m.collectors...)
 	return m
+}
+
+// unregister removes the metrics from reg, so that another agent in the
+// same process (a test's) can register its own.
+func (m *Metrics) unregister(reg prometheus.Registerer) {
+	for _, c := range m.collectors {
+		reg.Unregister(c)
+	}
 }
 
 func (m *Metrics) observeSync(full, _ bool, d time.Duration, err error) {
@@ -189,4 +211,14 @@ func countBase(b *dataplane.Base) serviceCounts {
 		c.elements += len(s.Elements)
 	}
 	return c
+}
+
+func (m *Metrics) observeConntrack(deleted int, err error) {
+	if m == nil {
+		return
+	}
+	m.conntrackDeleted.Add(float64(deleted))
+	if err != nil {
+		m.conntrackFailures.Inc()
+	}
 }

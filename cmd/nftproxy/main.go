@@ -127,7 +127,7 @@ func parseFlags(args []string) (options, error) {
 	fs.BoolVar(&opts.leaderElect, "leader-elect", true,
 		"Elect one agent per ProxyConfig to write its status and the Services' Events.")
 	fs.StringVar(&opts.leaderElectionNamespace, "leader-election-namespace", defaultNamespace(),
-		"Namespace of the leader election Lease; $POD_NAMESPACE, else nftproxy-system, by default.")
+		"Namespace of the leader election Lease and of the agents' node reports (Leases); $POD_NAMESPACE, else nftproxy-system, by default.")
 	fs.StringVar(&opts.netns, "netns", "",
 		"Program the network namespace at this path (e.g. /run/netns/node-a) instead of the agent's own; for tests and demos.")
 	fs.BoolVar(&opts.printVersion, "version", false, "Print the version and exit.")
@@ -198,6 +198,7 @@ func runAgent(ctx context.Context, opts options) error {
 		HealthProbeAddress:      opts.healthProbeAddress,
 		LeaderElection:          opts.leaderElect,
 		LeaderElectionNamespace: opts.leaderElectionNamespace,
+		StatusNamespace:         opts.leaderElectionNamespace,
 		NetNS:                   opts.netns,
 	})
 	if err != nil {

@@ -50,6 +50,12 @@ type Options struct {
 	// status and Service Events, in LeaderElectionNamespace.
 	LeaderElection          bool
 	LeaderElectionNamespace string
+	// StatusNamespace holds the agents' node reports (Leases), from which
+	// the elected agent writes the ProxyConfig's status; "" turns both off.
+	StatusNamespace string
+	// StatusPeriod is how often the elected agent sums the reports up
+	// (30s when 0).
+	StatusPeriod time.Duration
 	// NetNS, when set, is the path of the network namespace to program
 	// instead of the agent's own (tests and demos run agents this way).
 	NetNS string
@@ -194,6 +200,23 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 	}
 	if err := mgr.Add(a.Syncer); err != nil {
 		return nil, err
+	}
+
+	if opts.StatusNamespace != "" {
+		period := opts.StatusPeriod
+		if period == 0 {
+			period = statusPeriod
+		}
+		reporter := &nodeReporter{client: mgr.GetClient(), namespace: opts.StatusNamespace, node: opts.NodeName,
+			config: opts.ConfigName, syncer: a.Syncer, log: ctrl.Log.WithName("report"), poll: min(reportPoll, period)}
+		writer := &statusWriter{client: mgr.GetClient(), reader: mgr.GetAPIReader(), namespace: opts.StatusNamespace,
+			config: opts.ConfigName, period: period, log: ctrl.Log.WithName("status")}
+		if err := mgr.Add(reporter); err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(writer); err != nil {
+			return nil, err
+		}
 	}
 
 	if err := mgr.AddHealthzCheck("rules-fresh", func(*http.Request) error { return a.Syncer.Healthy(time.Now()) }); err != nil {

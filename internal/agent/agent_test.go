@@ -153,6 +153,7 @@ func startAgent(t *testing.T, mutate ...func(*Options)) *testAgent {
 	for _, m := range mutate {
 		m(&opts)
 	}
+	ta.node, ta.config = opts.NodeName, opts.ConfigName
 	ctx, cancel := context.WithCancel(context.Background())
 	a, err := New(ctx, opts)
 	if err != nil {

@@ -12,3 +12,9 @@ package controllers
 // +kubebuilder:rbac:groups=proxy.nftproxy.io,resources=proxyconfigs,verbs=get;list;watch
 // +kubebuilder:rbac:groups=proxy.nftproxy.io,resources=proxyconfigs/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups="";events.k8s.io,resources=events,verbs=create;patch
+//
+// With --metrics-secure, the metrics endpoint asks the API server who a
+// scraper is and whether it may GET /metrics:
+//
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create

@@ -29,11 +29,14 @@ func TestKustomizeDefaultIsAccepted(t *testing.T) {
 	for _, o := range objects {
 		kinds[o.GetKind()]++
 	}
-	for _, kind := range []string{"Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole",
+	for _, kind := range []string{"Namespace", "CustomResourceDefinition", "ServiceAccount",
 		"ClusterRoleBinding", "Role", "RoleBinding", "DaemonSet"} {
 		if kinds[kind] != 1 {
 			t.Errorf("config/default renders %d %s objects, want 1", kinds[kind], kind)
 		}
+	}
+	if kinds["ClusterRole"] != 2 {
+		t.Errorf("config/default renders %d ClusterRoles, want the agent's and the metrics reader's", kinds["ClusterRole"])
 	}
 
 	// The Namespace must exist for real before namespaced objects can be
@@ -66,12 +69,16 @@ func TestKustomizeDefaultIsAccepted(t *testing.T) {
 // namespace, Leases.
 func TestRBACIsLeastPrivilege(t *testing.T) {
 	objects := testenv.Kustomize(t, "config/default")
-	var clusterRole rbacv1.ClusterRole
+	var clusterRole, metricsReader rbacv1.ClusterRole
 	var role rbacv1.Role
 	for _, o := range objects {
 		switch o.GetKind() {
 		case "ClusterRole":
-			fromUnstructured(t, o, &clusterRole)
+			if o.GetName() == "nftproxy-metrics-reader" {
+				fromUnstructured(t, o, &metricsReader)
+			} else {
+				fromUnstructured(t, o, &clusterRole)
+			}
 		case "Role":
 			fromUnstructured(t, o, &role)
 			if role.Namespace != "nftproxy-system" {
@@ -89,10 +96,17 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 		"proxy.nftproxy.io/proxyconfigs/status": {"get", "patch", "update"},
 		"/events":                               {"create", "patch"},
 		"events.k8s.io/events":                  {"create", "patch"},
+		// The secure metrics endpoint's authentication and authorization.
+		"authentication.k8s.io/tokenreviews":        {"create"},
+		"authorization.k8s.io/subjectaccessreviews": {"create"},
 	}
 	got := grants(t, clusterRole.Rules)
 	if !mapsEqual(got, want) {
 		t.Errorf("ClusterRole grants %v, want exactly %v", got, want)
+	}
+	if len(metricsReader.Rules) != 1 || !slices.Equal(metricsReader.Rules[0].NonResourceURLs, []string{"/metrics"}) ||
+		!slices.Equal(metricsReader.Rules[0].Verbs, []string{"get"}) || len(metricsReader.Rules[0].Resources) != 0 {
+		t.Errorf("metrics reader grants %+v, want GET /metrics only", metricsReader.Rules)
 	}
 	leases := grants(t, role.Rules)
 	if len(leases) != 1 || leases["coordination.k8s.io/leases"] == nil {
@@ -150,6 +164,12 @@ func TestDaemonSetRunsWithNETADMINOnly(t *testing.T) {
 	}
 	if e := env["NODE_NAME"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "spec.nodeName" {
 		t.Errorf("NODE_NAME does not come from spec.nodeName: %+v", e)
+	}
+	if e := env["POD_NAMESPACE"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "metadata.namespace" {
+		t.Errorf("POD_NAMESPACE does not come from metadata.namespace: %+v", e)
+	}
+	if !slices.Contains(c.Args, "--metrics-secure") {
+		t.Errorf("metrics are served without authentication: args %v", c.Args)
 	}
 	if _, ok := env["KUBERNETES_SERVICE_HOST"]; !ok {
 		t.Error("KUBERNETES_SERVICE_HOST is not set: the agent would reach the API server through a ClusterIP it programs itself")

@@ -37,33 +37,7 @@ func TestAgentBinary(t *testing.T) {
 	env := testenv.Start(t)
 	ctx := context.Background()
 	binary := buildAgent(t)
-
-	// Grant exactly what the deployment grants, to the identity it uses.
-	objects := testenv.Kustomize(t, "config/default")
-	for _, kinds := range [][]string{{"Namespace"}, {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}} {
-		for _, o := range objects {
-			if slices.Contains(kinds, o.GetKind()) {
-				if err := env.Client.Create(ctx, o); err != nil {
-					t.Fatalf("creating %s %s: %v", o.GetKind(), o.GetName(), err)
-				}
-			}
-		}
-	}
-	user, err := env.AddUser(envtest.User{
-		Name:   "system:serviceaccount:nftproxy-system:nftproxy",
-		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:nftproxy-system", "system:authenticated"},
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig, err := user.KubeConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfigPath := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(kubeconfigPath, kubeconfig, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	kubeconfigPath := deployedIdentity(t, env)
 
 	// The agent programs a namespace of the test's, never this machine.
 	node := netnstest.New(t, "node")
@@ -326,4 +300,38 @@ func waitFor(t *testing.T, timeout time.Duration, what string, check func() erro
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// deployedIdentity creates config/default's namespace and RBAC and returns
+// a kubeconfig for the identity the DaemonSet runs as, granted exactly
+// what the deployment grants.
+func deployedIdentity(t *testing.T, env *testenv.Env) string {
+	t.Helper()
+	ctx := context.Background()
+	objects := testenv.Kustomize(t, "config/default")
+	for _, kinds := range [][]string{{"Namespace"}, {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}} {
+		for _, o := range objects {
+			if slices.Contains(kinds, o.GetKind()) {
+				if err := env.Client.Create(ctx, o); err != nil {
+					t.Fatalf("creating %s %s: %v", o.GetKind(), o.GetName(), err)
+				}
+			}
+		}
+	}
+	user, err := env.AddUser(envtest.User{
+		Name:   "system:serviceaccount:nftproxy-system:nftproxy",
+		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:nftproxy-system", "system:authenticated"},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig, err := user.KubeConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(path, kubeconfig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

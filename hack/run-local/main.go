@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -133,6 +135,11 @@ func createSample(cfg *rest.Config, scheme *runtime.Scheme) error {
 	}
 	if err := c.Create(context.Background(), &sample); err != nil {
 		return fmt.Errorf("creating the sample ProxyConfig: %w", err)
+	}
+	// The agents' namespace, for their node reports (Leases).
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "nftproxy-system"}}
+	if err := c.Create(context.Background(), ns); err != nil {
+		return fmt.Errorf("creating namespace nftproxy-system: %w", err)
 	}
 	return nil
 }

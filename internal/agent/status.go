@@ -91,7 +91,8 @@ func (r *nodeReporter) NeedLeaderElection() bool { return false }
 // Start reports until ctx ends (manager.Runnable).
 func (r *nodeReporter) Start(ctx context.Context) error {
 	var written nodeReport
-	var writtenAt time.Time
+	var writtenAt, retryAt time.Time
+	failures := 0
 	tick := time.NewTicker(r.poll)
 	defer tick.Stop()
 	for {
@@ -99,6 +100,9 @@ func (r *nodeReporter) Start(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
+		}
+		if time.Now().Before(retryAt) {
+			continue
 		}
 		st := r.syncer.Status()
 		if !st.Synced && st.LastError == nil {
@@ -109,10 +113,13 @@ func (r *nodeReporter) Start(ctx context.Context) error {
 			continue
 		}
 		if err := r.write(ctx, report); err != nil {
-			r.log.Error(err, "Writing this node's report failed; retrying")
+			backoff := min(r.poll<<min(failures, 8), reportRenewal)
+			failures++
+			retryAt = time.Now().Add(backoff)
+			r.log.Info("Writing this node's report failed; retrying", "error", err.Error(), "in", backoff.String())
 			continue
 		}
-		written, writtenAt = report, time.Now()
+		written, writtenAt, failures = report, time.Now(), 0
 	}
 }
 

@@ -246,6 +246,9 @@ func (s *Syncer) sync(ctx context.Context, periodic bool) error {
 		s.lastFull = now
 	}
 	s.pendingSince = time.Time{}
+	if !s.firstSynced {
+		s.Log.Info("First sync written; ready", "services", len(rs.Services), "duration", elapsed.String())
+	}
 	s.firstSynced = true
 	s.appliedConfig = generation
 	s.mu.Unlock()

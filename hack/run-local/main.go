@@ -99,6 +99,9 @@ func run(agentPath string, agentArgs []string) error {
 	args := append([]string{"--kubeconfig", kubeconfigPath, "--netns", "/run/netns/" + netns, "--leader-elect=false"}, agentArgs...)
 	cmd := exec.Command(agentPath, args...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	// Its own process group: Ctrl-C reaches run-local, which stops the
+	// agent with one SIGTERM (a second signal would make it exit at once).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting the agent: %w", err)
 	}

@@ -111,7 +111,7 @@ func sameDeclarations(a, b *Base) bool {
 	}
 	for i := range a.Sets {
 		x, y := a.Sets[i], b.Sets[i]
-		if x.Name != y.Name || x.Key != y.Key || x.Data != y.Data || x.Comment != y.Comment {
+		if x.Name != y.Name || x.Key != y.Key || x.Data != y.Data || x.Flags != y.Flags || x.Size != y.Size || x.Comment != y.Comment {
 			return false
 		}
 	}

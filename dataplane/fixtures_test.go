@@ -3,6 +3,7 @@ package dataplane
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -17,7 +18,10 @@ import (
 // Test fixtures: small builders for Services and EndpointSlices, so each
 // test states only what matters to it.
 
-const testNode = "node-a"
+const (
+	testNode  = "node-a"
+	otherNode = "node-b"
+)
 
 func testConfig() proxyv1alpha1.ProxyConfigSpec {
 	spec := proxyv1alpha1.ProxyConfigSpec{ClusterCIDRs: []proxyv1alpha1.CIDR{"10.1.0.0/16", "fd00:10::/64"}}
@@ -107,6 +111,37 @@ func withLoadBalancer(ingress ...corev1.LoadBalancerIngress) svcOption {
 		s.Spec.Type = corev1.ServiceTypeLoadBalancer
 		s.Status.LoadBalancer.Ingress = ingress
 	}
+}
+
+// withAffinity sets ClientIP session affinity with a timeout in seconds.
+func withAffinity(timeout int32) svcOption {
+	return func(s *corev1.Service) {
+		s.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+		s.Spec.SessionAffinityConfig = &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr.To(timeout)}}
+	}
+}
+
+func withSourceRanges(cidrs ...string) svcOption {
+	return func(s *corev1.Service) { s.Spec.LoadBalancerSourceRanges = cidrs }
+}
+
+func withExternalPolicyLocal() svcOption {
+	return func(s *corev1.Service) { s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal }
+}
+
+func withInternalPolicyLocal() svcOption {
+	return func(s *corev1.Service) {
+		s.Spec.InternalTrafficPolicy = ptr.To(corev1.ServiceInternalTrafficPolicyLocal)
+	}
+}
+
+// remote moves the endpoints from index from on to another node.
+func remote(eps []ep, from int) []ep {
+	out := slices.Clone(eps)
+	for i := from; i < len(out); i++ {
+		out[i].node = otherNode
+	}
+	return out
 }
 
 func withLabel(k, v string) svcOption {

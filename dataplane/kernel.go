@@ -32,7 +32,8 @@ type BatchStats struct {
 
 // KernelApplier programs our nftables table over netlink. It remembers
 // what it last applied and sends only the difference; it never lists the
-// kernel's ruleset. The first Apply, and the first after a failed one,
+// kernel's ruleset (only, after a change to a Service with session
+// affinity, the entries of the affinity maps, to delete stale ones). The first Apply, and the first after a failed one,
 // replaces the whole table in one transaction, so taking over from a
 // previous agent (or repairing a table someone edited) leaves no moment
 // without rules. It is not safe for concurrent use.
@@ -111,6 +112,14 @@ func (k *KernelApplier) Apply(ctx context.Context, rs *Ruleset) error {
 			if err := k.send(ctx, b, false); err != nil {
 				k.applied = nil
 				return err
+			}
+			if check := newAffinityCheck(k.applied, rs); check != nil {
+				if err := k.removeStaleAffinity(ctx, rs, check); err != nil {
+					// The next Apply replaces the table, affinity maps
+					// and all, rather than leave stale entries.
+					k.applied = nil
+					return fmt.Errorf("remove stale session affinity entries: %w", err)
+				}
 			}
 			k.applied = rs
 			return nil

@@ -50,6 +50,8 @@ func TestComputeGolden(t *testing.T) {
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
+func addrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
 func TestPacketFlow(t *testing.T) {
 	tr := newTracer(Compute(exampleSnapshot()))
 	outside, pod := addr("192.168.0.2"), addr("10.1.0.50")

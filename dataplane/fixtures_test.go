@@ -159,6 +159,8 @@ type ep struct {
 	ready       bool
 	serving     bool
 	terminating bool
+	// zones are the zone hints, none when empty.
+	zones []string
 }
 
 func ready(addr string) ep { return ep{addr: addr, node: testNode, ready: true, serving: true} }
@@ -178,13 +180,20 @@ func slice(svc *corev1.Service, name string, family discoveryv1.AddressType, por
 		sl.Ports = append(sl.Ports, discoveryv1.EndpointPort{Name: ptr.To(ps.name), Port: ptr.To(ps.port), Protocol: ptr.To(ps.proto)})
 	}
 	for _, e := range eps {
-		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{
+		endpoint := discoveryv1.Endpoint{
 			Addresses: []string{e.addr},
 			NodeName:  ptr.To(e.node),
 			Conditions: discoveryv1.EndpointConditions{
 				Ready: ptr.To(e.ready), Serving: ptr.To(e.serving), Terminating: ptr.To(e.terminating),
 			},
-		})
+		}
+		if len(e.zones) > 0 {
+			endpoint.Hints = &discoveryv1.EndpointHints{}
+			for _, z := range e.zones {
+				endpoint.Hints.ForZones = append(endpoint.Hints.ForZones, discoveryv1.ForZone{Name: z})
+			}
+		}
+		sl.Endpoints = append(sl.Endpoints, endpoint)
 	}
 	return sl
 }

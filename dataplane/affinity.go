@@ -14,8 +14,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// Session affinity lives in one dynamic map per family that the packet
-// path fills: (client, frontend) to endpoint. nft 1.0.6 can neither parse
+// Session affinity lives in dynamic maps the packet path fills (a few
+// shards per family): (client, frontend) to endpoint. nft 1.0.6 can neither parse
 // nor print a rule that compares a map's value or looks up a key holding
 // constants, so the packet path cannot tell a stale entry (its endpoint
 // is gone) from a live one. The agent removes stale entries instead:
@@ -47,12 +47,14 @@ type affinityCheck struct {
 	watched map[frontendKey]bool
 	// valid are the endpoints each frontend with affinity reaches now.
 	valid map[frontendKey][]netip.AddrPort
+	// maps are the affinity maps the changed Services' chains use.
+	maps map[string]bool
 }
 
 // newAffinityCheck returns the check for the change from old to cur, nil
 // when no Service with affinity changed.
 func newAffinityCheck(old, cur *Ruleset) *affinityCheck {
-	c := &affinityCheck{watched: map[frontendKey]bool{}, valid: map[frontendKey][]netip.AddrPort{}}
+	c := &affinityCheck{watched: map[frontendKey]bool{}, valid: map[frontendKey][]netip.AddrPort{}, maps: map[string]bool{}}
 	for _, key := range changedServices(old, cur) {
 		if o := old.Services[key]; o != nil {
 			c.watch(o, false)
@@ -68,6 +70,15 @@ func newAffinityCheck(old, cur *Ruleset) *affinityCheck {
 }
 
 func (c *affinityCheck) watch(r *ServiceRules, current bool) {
+	for _, ch := range r.Chains {
+		for _, rule := range ch.Rules {
+			for _, s := range rule.Stmts {
+				if d, ok := s.(DNATAffinity); ok {
+					c.maps[d.Set] = true
+				}
+			}
+		}
+	}
 	for _, p := range r.Ports {
 		if p.AffinityTimeout == 0 {
 			continue
@@ -88,7 +99,8 @@ func (c *affinityCheck) watch(r *ServiceRules, current bool) {
 	}
 }
 
-// stale returns the entries of family f the change made stale.
+// stale returns the entries of family f the change made stale, as
+// elements to delete (Key only).
 func (c *affinityCheck) stale(f Family, entries []affinityEntry) []Element {
 	var out []Element
 	for _, e := range entries {
@@ -100,7 +112,7 @@ func (c *affinityCheck) stale(f Family, entries []affinityEntry) []Element {
 			}
 		}
 		if !slices.Contains(c.valid[k], e.Endpoint) {
-			out = append(out, Element{Set: familySet(setAffinity, f), Key: e.Key})
+			out = append(out, Element{Key: e.Key})
 		}
 	}
 	return out
@@ -137,7 +149,7 @@ func (k *KernelApplier) removeStaleAffinity(ctx context.Context, rs *Ruleset, ch
 	for range affinityGCAttempts {
 		b := newBatch(4096, k.seq)
 		for _, set := range rs.Base.Sets {
-			if set.Key != KeyAffinity4 && set.Key != KeyAffinity6 {
+			if !check.maps[set.Name] {
 				continue
 			}
 			f := familyOfKey(set.Key)

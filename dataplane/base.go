@@ -21,7 +21,7 @@ const (
 )
 
 // affinityMapSize caps the entries (client and frontend pairs) of each
-// family's affinity map. A full map only costs new clients their
+// affinity map. A full map only costs new clients their
 // stickiness: the service chain's last rule draws an endpoint for them.
 const affinityMapSize = 1 << 20
 
@@ -189,11 +189,13 @@ func buildBase(s *settings) *Base {
 			&Set{Name: familySet(setNoEndpointNodePorts, f), Key: KeyProtoPort, Data: DataVerdict, Comment: "NodePorts without usable endpoints"},
 			&Set{Name: familySet(setClusterIPs, f), Key: addrKey, Comment: "ClusterIPs: ports they do not serve are rejected"},
 			&Set{Name: familySet(setHairpin, f), Key: pairKey, Comment: "endpoint to itself: hairpin traffic, masqueraded"},
-			&Set{Name: familySet(setAffinity, f), Key: affinityKey, Data: endpointData, Flags: SetDynamic, Size: affinityMapSize,
-				Comment: "session affinity: client . frontend to endpoint, refreshed by each new connection"},
 			&Set{Name: familySet(setFirewallIPs, f), Key: addrProtoPortKey, Comment: "LoadBalancer frontends with loadBalancerSourceRanges"},
 			&Set{Name: familySet(setFirewallAllow, f), Key: firewallKey, Flags: SetInterval, Comment: "sources each of those frontends admits"},
 		)
+		for shard := range uint32(affinityMapShards) {
+			b.Sets = append(b.Sets, &Set{Name: affinityShardName(f, shard), Key: affinityKey, Data: endpointData, Flags: SetDynamic,
+				Size: affinityMapSize, Comment: "session affinity: client . frontend to endpoint, refreshed by each new connection"})
+		}
 		for shard := range uint32(endpointMapShards) {
 			b.Sets = append(b.Sets, &Set{Name: endpointShardName(f, shard), Key: KeyIndex, Data: endpointData,
 				Comment: "endpoints of Service ports, a run of indexes each"})

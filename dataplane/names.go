@@ -56,6 +56,22 @@ func endpointMapName(f Family, chain string) string {
 	return endpointShardName(f, h.Sum32()%endpointMapShards)
 }
 
+// affinityMapShards is how many affinity maps each family has. Adding a
+// rule that looks a map up makes the kernel walk every other rule bound
+// to that map, so one map for every Service with affinity would make a
+// cold start quadratic; the service chain's name picks its shard.
+const affinityMapShards = 16
+
+func affinityMapName(f Family, chain string) string {
+	h := fnv.New32a()
+	h.Write([]byte(chain))
+	return affinityShardName(f, h.Sum32()%affinityMapShards)
+}
+
+func affinityShardName(f Family, shard uint32) string {
+	return fmt.Sprintf("%s%s-%02x", setAffinity, f.Suffix(), shard)
+}
+
 func endpointShardName(f Family, shard uint32) string {
 	return fmt.Sprintf("%s%s-%02x", setEndpoints, f.Suffix(), shard)
 }

@@ -182,8 +182,8 @@ func TestTraceAffinity(t *testing.T) {
 	tr := newTracer(rs)
 	vip := tcp(podClient, addr("10.96.0.10"), 80)
 	first := tr.trace(vip)
-	if first.String() != all3 || first.affinity != "affinity4" {
-		t.Fatalf("first connection: %s recorded in %q, want any endpoint recorded in affinity4", first, first.affinity)
+	if first.String() != all3 || !strings.HasPrefix(first.affinity, "affinity4-") {
+		t.Fatalf("first connection: %s recorded in %q, want any endpoint recorded in an IPv4 affinity map", first, first.affinity)
 	}
 	tr.stick(first.affinity, vip, addrPort("10.1.0.12:8080"))
 	for range 20 {
@@ -196,8 +196,8 @@ func TestTraceAffinity(t *testing.T) {
 		{"the same client on another frontend is free", tcp(podClient, addr("203.0.113.10"), 80), all3Masq},
 	})
 	v6 := tcp(addr("fd00:10::50"), addr("fd00:96::10"), 80)
-	if got := tr.trace(v6); got.affinity != "affinity6" {
-		t.Errorf("IPv6 records in %q, want affinity6", got.affinity)
+	if got := tr.trace(v6); !strings.HasPrefix(got.affinity, "affinity6-") {
+		t.Errorf("IPv6 records in %q, want an IPv6 affinity map", got.affinity)
 	}
 
 	// Each recording carries the Service's timeout.
@@ -228,14 +228,17 @@ func TestTraceAffinity(t *testing.T) {
 		t.Fatal("no affinity check after an endpoint of an affinity Service went away")
 	}
 	var entries []affinityEntry
-	for k, ep := range tr.affinity["affinity4"] {
+	for k, ep := range tr.affinity[first.affinity] {
 		entries = append(entries, affinityEntry{Key: k, Endpoint: ep})
 	}
 	stale := check.stale(IPv4, entries)
 	if len(stale) != 1 || stale[0].Key != affinityKeyOf(vip) {
 		t.Fatalf("stale entries %v, want the client's", stale)
 	}
-	delete(tr2.affinity["affinity4"], stale[0].Key)
+	if !check.maps[first.affinity] {
+		t.Errorf("the check does not read %s", first.affinity)
+	}
+	delete(tr2.affinity[first.affinity], stale[0].Key)
 	if got := tr2.trace(vip).String(); got != "10.1.0.11:8080, 10.1.0.13:8080" {
 		t.Errorf("after its endpoint went away: %s", got)
 	}

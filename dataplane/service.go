@@ -687,13 +687,14 @@ func (fr *fragment) markFromOutside(f Family, s *settings) *Rule {
 // set, so a pod reaching itself through the Service is masqueraded.
 //
 // With session affinity, a cascade of rules comes first: rule i matches
-// with probability 1/(n-i), so each endpoint is equally likely, and
-// records its endpoint for the client and frontend in the family's
-// affinity map, then DNATs to what the map holds. A client with a live
-// entry keeps its endpoint (the kernel only refreshes an entry that
-// exists); the agent deletes entries whose endpoint the port no longer
-// has (affinity.go). The numgen rule at the end serves clients the map
-// has no room for.
+// with probability 1/(n-i) and records its endpoint for the client and
+// frontend in the chain's affinity map. The first to match decides, as
+// the kernel only refreshes an entry that exists, so each endpoint is
+// equally likely for a new client and a client with a live entry keeps
+// its endpoint; the rule after the cascade DNATs to what the map holds.
+// The agent deletes entries whose endpoint the port no longer has
+// (affinity.go). The numgen rule at the end serves clients the map has
+// no room for.
 func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Protocol, eps []endpoint, mark *Rule, indexes indexSource, pol policy, reachable map[netip.AddrPort]bool) {
 	var rules []Rule
 	if mark != nil {
@@ -707,18 +708,19 @@ func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Prot
 		})
 	}
 	if pol.affinity != 0 {
-		set := familySet(setAffinity, f)
+		set := affinityMapName(f, chain)
 		for i, ep := range eps {
 			r := Rule{Stmts: []Stmt{MatchL4Proto{proto}}}
 			if n := uint32(len(eps) - i); n > 1 {
 				r.Stmts = append(r.Stmts, MatchRandom{Mod: n})
 			}
-			r.Stmts = append(r.Stmts, RecordAffinity{Family: f, Set: set, Target: ep.addr, Timeout: pol.affinity}, DNATAffinity{Family: f, Set: set})
+			r.Stmts = append(r.Stmts, RecordAffinity{Family: f, Set: set, Target: ep.addr, Timeout: pol.affinity})
 			if i == 0 {
-				r.Comment = "session affinity"
+				r.Comment = "session affinity: the first draw that matches is kept"
 			}
 			rules = append(rules, r)
 		}
+		rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATAffinity{Family: f, Set: set}}})
 	}
 	endpoints := endpointMapName(f, chain)
 	offset := indexes(endpoints, chain, len(eps))

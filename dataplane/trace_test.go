@@ -98,12 +98,12 @@ type evalState struct {
 	rejected bool
 	dropped  bool
 	affinity string
-	// random: the rule matched a numgen draw (the tracer follows every
-	// draw); recorded: the endpoint the rule's RecordAffinity put in the
-	// map, or found there (sticky).
-	random   bool
-	recorded netip.AddrPort
-	sticky   bool
+	// candidates are the endpoints the affinity cascade may record for a
+	// client without an entry (the tracer follows every draw); stored is
+	// the entry of a client that has one.
+	candidates []netip.AddrPort
+	stored     netip.AddrPort
+	sticky     bool
 }
 
 // trace runs the hooks a new connection meets. Arriving: nat prerouting,
@@ -185,7 +185,6 @@ func (t *tracer) eval(chain string, p packet, st *evalState, masq *bool) bool {
 	}
 rules:
 	for _, r := range c.Rules {
-		st.random = false
 		for _, s := range r.Stmts {
 			switch s := s.(type) {
 			case MatchCtStateNew:
@@ -231,25 +230,23 @@ rules:
 			case RecordAffinity:
 				st.affinity = s.Set
 				if ep, ok := t.affinity[s.Set][affinityKeyOf(p)]; ok {
-					st.recorded, st.sticky = ep, true
-				} else {
-					st.recorded, st.sticky = s.Target, false
+					st.stored, st.sticky = ep, true
+				} else if !slices.Contains(st.candidates, s.Target) {
+					st.candidates = append(st.candidates, s.Target)
 				}
 			case MatchRandom:
-				// Every branch of a cascade is possible: the tracer
-				// notes this rule's endpoint and goes on to the next.
-				st.random = true
+				// Every branch of a cascade is possible: go on as if it
+				// matched, noting each rule's endpoint.
 			case DNATAffinity:
 				if familyOf(p.dst) != s.Family {
 					continue rules
 				}
-				if st.random && !st.sticky {
-					st.dnat = append(st.dnat, st.recorded)
-					continue rules
+				if st.sticky {
+					st.dnat = append(st.dnat, st.stored)
+				} else {
+					st.dnat = append(st.dnat, st.candidates...)
 				}
-				st.dnat = append(st.dnat, st.recorded)
 				slices.SortFunc(st.dnat, netip.AddrPort.Compare)
-				st.dnat = slices.Compact(st.dnat)
 				return true
 			case MatchIifnamePrefix:
 				if strings.HasPrefix(p.iifname, s.Prefix) == s.Negate {

@@ -20,6 +20,11 @@ const (
 	priorityFilterPost int32 = priorityDstNAT + 10
 )
 
+// affinityMapSize caps the entries (client and frontend pairs) of each
+// affinity map. A full map only costs new clients their
+// stickiness: the service chain's last rule draws an endpoint for them.
+const affinityMapSize = 1 << 20
+
 // settings is what the whole table depends on beyond single Services: the
 // parsed ProxyConfig and the node. When it changes, every Service is
 // computed again.
@@ -33,6 +38,8 @@ type settings struct {
 	localCIDRs    map[Family]netip.Prefix
 	localIfPrefix string
 	nodePortIPs   map[Family][]netip.Addr
+	// nodeAddrs are all of the node's addresses, by family.
+	nodeAddrs     map[Family][]netip.Addr
 	allowedExtIPs []netip.Prefix
 	problems      []string
 }
@@ -46,6 +53,7 @@ func newSettings(snap *Snapshot) *settings {
 		masqAll:     cfg.MasqueradeAll,
 		localCIDRs:  map[Family]netip.Prefix{},
 		nodePortIPs: map[Family][]netip.Addr{},
+		nodeAddrs:   map[Family][]netip.Addr{},
 	}
 	if cfg.MasqueradeBit != nil && *cfg.MasqueradeBit >= 0 && *cfg.MasqueradeBit <= 31 {
 		s.markBit = 1 << uint32(*cfg.MasqueradeBit)
@@ -75,14 +83,19 @@ func newSettings(snap *Snapshot) *settings {
 	nodePortCIDRs := s.parseCIDRs("spec.nodePortAddresses", cfg.NodePortAddresses)
 	for _, a := range snap.NodeAddresses {
 		a = a.Unmap()
-		if !a.IsValid() || !nodePortAddressAllowed(a, nodePortCIDRs, len(cfg.NodePortAddresses) > 0) {
+		if !a.IsValid() {
 			continue
 		}
-		s.nodePortIPs[familyOf(a)] = append(s.nodePortIPs[familyOf(a)], a)
+		s.nodeAddrs[familyOf(a)] = append(s.nodeAddrs[familyOf(a)], a)
+		if nodePortAddressAllowed(a, nodePortCIDRs, len(cfg.NodePortAddresses) > 0) {
+			s.nodePortIPs[familyOf(a)] = append(s.nodePortIPs[familyOf(a)], a)
+		}
 	}
-	for f := range s.nodePortIPs {
-		slices.SortFunc(s.nodePortIPs[f], netip.Addr.Compare)
-		s.nodePortIPs[f] = slices.Compact(s.nodePortIPs[f])
+	for _, m := range []map[Family][]netip.Addr{s.nodePortIPs, s.nodeAddrs} {
+		for f := range m {
+			slices.SortFunc(m[f], netip.Addr.Compare)
+			m[f] = slices.Compact(m[f])
+		}
 	}
 	s.allowedExtIPs = s.parseCIDRs("spec.allowedExternalIPCIDRs", cfg.AllowedExternalIPCIDRs)
 	return s
@@ -116,6 +129,27 @@ func (s *settings) parseCIDRs(field string, cidrs []proxyv1alpha1.CIDR) []netip.
 	return out
 }
 
+// localMatch matches traffic from pods by the local traffic detection;
+// nil when nothing is detected as local.
+func (s *settings) localMatch(f Family) Stmt {
+	switch {
+	case s.localIfPrefix != "":
+		return MatchIifnamePrefix{Prefix: s.localIfPrefix}
+	case s.localCIDRs[f].IsValid():
+		return MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f]}
+	}
+	return nil
+}
+
+// notLocalMatch matches traffic not from pods; only when localMatch is
+// not nil.
+func (s *settings) notLocalMatch(f Family) Stmt {
+	if s.localIfPrefix != "" {
+		return MatchIifnamePrefix{Prefix: s.localIfPrefix, Negate: true}
+	}
+	return MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f], Negate: true}
+}
+
 func (s *settings) equal(o *settings) bool { return o != nil && reflect.DeepEqual(s, o) }
 
 func (s *settings) externalIPAllowed(a netip.Addr) bool {
@@ -135,11 +169,13 @@ func (s *settings) externalIPAllowed(a netip.Addr) bool {
 // of those maps and sets.
 func buildBase(s *settings) *Base {
 	b := &Base{}
-	var services, svcCheck, nodePortCheck, clusterIPsCheck, hairpin []Rule
+	var services, svcCheck, nodePortCheck, clusterIPsCheck, firewallCheck, hairpin []Rule
 	for _, f := range Families {
 		addrKey, addrProtoPortKey, pairKey, endpointData := KeyAddr4, KeyAddr4ProtoPort, KeyAddr4Pair, DataEndpoint4
+		affinityKey, firewallKey := KeyAffinity4, KeyFirewall4
 		if f == IPv6 {
 			addrKey, addrProtoPortKey, pairKey, endpointData = KeyAddr6, KeyAddr6ProtoPort, KeyAddr6Pair, DataEndpoint6
+			affinityKey, firewallKey = KeyAffinity6, KeyFirewall6
 		}
 		nodePortIPs := &Set{Name: familySet(setNodePortIPs, f), Key: addrKey, Comment: "node addresses NodePorts are served on"}
 		for _, a := range s.nodePortIPs[f] {
@@ -153,7 +189,13 @@ func buildBase(s *settings) *Base {
 			&Set{Name: familySet(setNoEndpointNodePorts, f), Key: KeyProtoPort, Data: DataVerdict, Comment: "NodePorts without usable endpoints"},
 			&Set{Name: familySet(setClusterIPs, f), Key: addrKey, Comment: "ClusterIPs: ports they do not serve are rejected"},
 			&Set{Name: familySet(setHairpin, f), Key: pairKey, Comment: "endpoint to itself: hairpin traffic, masqueraded"},
+			&Set{Name: familySet(setFirewallIPs, f), Key: addrProtoPortKey, Comment: "LoadBalancer frontends with loadBalancerSourceRanges"},
+			&Set{Name: familySet(setFirewallAllow, f), Key: firewallKey, Flags: SetInterval, Comment: "sources each of those frontends admits"},
 		)
+		for shard := range uint32(affinityMapShards) {
+			b.Sets = append(b.Sets, &Set{Name: affinityShardName(f, shard), Key: affinityKey, Data: endpointData, Flags: SetDynamic,
+				Size: affinityMapSize, Comment: "session affinity: client . frontend to endpoint, refreshed by each new connection"})
+		}
 		for shard := range uint32(endpointMapShards) {
 			b.Sets = append(b.Sets, &Set{Name: endpointShardName(f, shard), Key: KeyIndex, Data: endpointData,
 				Comment: "endpoints of Service ports, a run of indexes each"})
@@ -166,6 +208,11 @@ func buildBase(s *settings) *Base {
 		)
 		svcCheck = append(svcCheck, Rule{Stmts: []Stmt{VmapLookup{Key: addrProtoPortKey, Map: familySet(setNoEndpointServices, f)}}})
 		nodePortCheck = append(nodePortCheck, Rule{Stmts: []Stmt{onNodePortIP, VmapLookup{Key: KeyProtoPort, Map: familySet(setNoEndpointNodePorts, f)}}})
+		firewallCheck = append(firewallCheck, Rule{Stmts: []Stmt{
+			MatchFrontendSet{Family: f, Set: familySet(setFirewallIPs, f)},
+			MatchFirewallAllowed{Family: f, Set: familySet(setFirewallAllow, f), Negate: true},
+			VerdictStmt{Verdict{Kind: VerdictDrop}},
+		}, Comment: "loadBalancerSourceRanges"})
 		clusterIPsCheck = append(clusterIPsCheck, Rule{Stmts: []Stmt{
 			MatchAddrSet{Field: Daddr, Family: f, Set: familySet(setClusterIPs, f)},
 			VerdictStmt{Goto(chainRejectPacket)},
@@ -180,18 +227,21 @@ func buildBase(s *settings) *Base {
 		{Name: chainNATPrerouting, Hook: &Hook{ChainNAT, HookPrerouting, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
 		{Name: chainNATOutput, Hook: &Hook{ChainNAT, HookOutput, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
 		{Name: chainNATPostrouting, Hook: &Hook{ChainNAT, HookPostrouting, prioritySrcNAT}, Rules: []Rule{jump(chainMasquerading)}},
+		{Name: chainFilterPrerouting, Hook: &Hook{ChainFilter, HookPrerouting, priorityFilterPre}, Rules: []Rule{
+			newOnly(chainFirewallCheck)}},
 		{Name: chainFilterInput, Hook: &Hook{ChainFilter, HookInput, priorityFilterPre}, Rules: []Rule{
 			newOnly(chainNodePortEndpointsCheck), newOnly(chainServiceEndpointsCheck)}},
 		{Name: chainFilterForward, Hook: &Hook{ChainFilter, HookForward, priorityFilterPre}, Rules: []Rule{
 			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck)}},
 		{Name: chainFilterOutput, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPre}, Rules: []Rule{
-			newOnly(chainServiceEndpointsCheck)}},
+			newOnly(chainFirewallCheck)}},
 		{Name: chainFilterOutputPostDNAT, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPost}, Rules: []Rule{
-			newOnly(chainClusterIPsCheck)}},
+			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck)}},
 		{Name: chainServices, Rules: services},
 		{Name: chainServiceEndpointsCheck, Rules: svcCheck},
 		{Name: chainNodePortEndpointsCheck, Rules: nodePortCheck},
 		{Name: chainClusterIPsCheck, Rules: clusterIPsCheck},
+		{Name: chainFirewallCheck, Rules: firewallCheck},
 		{Name: chainMasquerading, Rules: append(hairpin,
 			Rule{Stmts: []Stmt{MatchMarkUnset{s.markBit}, VerdictStmt{Verdict{Kind: VerdictReturn}}}},
 			Rule{Stmts: []Stmt{ClearMarkBits{s.markBit}}},

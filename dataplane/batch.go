@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	"github.com/google/nftables/expr"
@@ -262,6 +263,40 @@ var keyLayouts = map[KeyType]struct {
 	KeyIndex:          {4, 4}, // integer, in host byte order as numgen makes it
 	KeyAddr4Pair:      {7<<6 | 7, 8},
 	KeyAddr6Pair:      {8<<6 | 8, 32},
+	KeyAffinity4:      {7<<18 | 7<<12 | 12<<6 | 13, 16},
+	KeyAffinity6:      {8<<18 | 8<<12 | 12<<6 | 13, 40},
+	KeyFirewall4:      {7<<18 | 12<<12 | 13<<6 | 7, 16},
+	KeyFirewall6:      {8<<18 | 12<<12 | 13<<6 | 8, 40},
+}
+
+// intervalFieldLens are the field widths of an interval concatenation,
+// which the kernel's pipapo set needs declared (NFTA_SET_DESC_CONCAT).
+var intervalFieldLens = map[KeyType][]uint32{
+	KeyFirewall4: {4, 1, 2, 4},
+	KeyFirewall6: {16, 1, 2, 16},
+}
+
+// Netlink attributes of set declarations and elements missing from
+// x/sys/unix.
+const (
+	nftSetConcat         = 0x80 // NFT_SET_CONCAT
+	nftaSetDescConcat    = 2    // NFTA_SET_DESC_CONCAT
+	nftaSetFieldLen      = 1    // NFTA_SET_FIELD_LEN
+	nftaSetElemKeyEnd    = 10   // NFTA_SET_ELEM_KEY_END
+	nftaSetDescAttribute = unix.NFTA_SET_DESC
+)
+
+// concatUserdata is the set userdata nft 1.0.6 writes for the
+// concatenations of the firewall sets (captured with nft --debug=mnl);
+// with it nft prints them as it would its own.
+var concatUserdata = mustHex("000400000000030800040d0000000100")
+
+// affinityUserdata is what nft 1.0.6 writes for the affinity maps'
+// "typeof ip saddr . ip daddr . meta l4proto . th dport : ip daddr . tcp
+// dport" (and the ip6 one), captured with nft --debug=mnl.
+var affinityUserdata = map[KeyType][]byte{
+	KeyAffinity4: mustHex("000400000000010400000000035a00040d00000001520014000407000000010c00040c00000001040b0000000114000407000000010c00040c00000001040c000000020e00040900000001060004100000000314000407000000010c00040b000000010402000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c000408000000010402000000060400000000"),
+	KeyAffinity6: mustHex("000400000000010400000000035a00040d00000001520014000407000000010c00040d0000000104080000000114000407000000010c00040d000000010409000000020e00040900000001060004100000000314000407000000010c00040b000000010402000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c000408000000010402000000060400000000"),
 }
 
 // Endpoint maps map an index to an address and port.
@@ -278,6 +313,17 @@ var dataLayouts = map[DataType]struct{ typ, len uint32 }{
 var endpointMapUserdata = map[DataType][]byte{
 	DataEndpoint4: mustHex("000401000000010400000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c000408000000010402000000060400000000"),
 	DataEndpoint6: mustHex("000401000000010400000000031a0004170000000112000401000000010401000000020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c000408000000010402000000060400000000"),
+}
+
+// prefixBound is the first or the last address of a prefix.
+func prefixBound(p netip.Prefix, last bool) []byte {
+	a := p.Masked().Addr().AsSlice()
+	if last {
+		for i := p.Bits(); i < len(a)*8; i++ {
+			a[i/8] |= 0x80 >> (i % 8)
+		}
+	}
+	return a
 }
 
 func mustHex(s string) []byte {
@@ -302,6 +348,12 @@ func (b *batch) addSet(s *Set) {
 	if s.Data != DataNone {
 		flags |= unix.NFT_SET_MAP
 	}
+	if s.Flags&SetInterval != 0 {
+		flags |= unix.NFT_SET_INTERVAL | nftSetConcat
+	}
+	if s.Flags&SetDynamic != 0 {
+		flags |= unix.NFT_SET_TIMEOUT | unix.NFT_SET_EVAL
+	}
 	b.u32(unix.NFTA_SET_FLAGS, flags)
 	layout := keyLayouts[s.Key]
 	b.u32(unix.NFTA_SET_KEY_TYPE, layout.typ)
@@ -313,7 +365,29 @@ func (b *batch) addSet(s *Set) {
 	}
 	b.setID++
 	b.u32(unix.NFTA_SET_ID, b.setID)
+	if lens := intervalFieldLens[s.Key]; s.Flags&SetInterval != 0 && lens != nil {
+		desc := b.nest(nftaSetDescAttribute)
+		concat := b.nest(nftaSetDescConcat)
+		for _, l := range lens {
+			field := b.nest(unix.NFTA_LIST_ELEM)
+			b.u32(nftaSetFieldLen, l)
+			b.unnest(field)
+		}
+		b.unnest(concat)
+		b.unnest(desc)
+	}
+	if s.Size != 0 {
+		desc := b.nest(nftaSetDescAttribute)
+		b.u32(unix.NFTA_SET_DESC_SIZE, s.Size)
+		b.unnest(desc)
+	}
 	ud := endpointMapUserdata[s.Data]
+	switch s.Key {
+	case KeyAffinity4, KeyAffinity6:
+		ud = affinityUserdata[s.Key]
+	case KeyFirewall4, KeyFirewall6:
+		ud = concatUserdata
+	}
 	if ud == nil {
 		ud = userdata.AppendUint32(nil, userdata.NFTNL_UDATA_SET_KEYBYTEORDER, byteOrderBig)
 	}
@@ -350,8 +424,14 @@ func (b *batch) setElements(add bool, set *Set, elements []Element) {
 func (b *batch) element(set *Set, e Element, add bool) {
 	elem := b.nest(unix.NFTA_LIST_ELEM)
 	k := b.nest(unix.NFTA_SET_ELEM_KEY)
-	b.attr(unix.NFTA_DATA_VALUE, encodeKey(set.Key, e.Key))
+	b.attr(unix.NFTA_DATA_VALUE, encodeKey(set.Key, e.Key, false))
 	b.unnest(k)
+	if set.Flags&SetInterval != 0 {
+		// Ranges of a concatenation: the first and the last key.
+		k := b.nest(nftaSetElemKeyEnd)
+		b.attr(unix.NFTA_DATA_VALUE, encodeKey(set.Key, e.Key, true))
+		b.unnest(k)
+	}
 	v, comment := e.Verdict, e.Comment
 	switch {
 	case !add:
@@ -376,10 +456,18 @@ func (b *batch) element(set *Set, e Element, add bool) {
 	b.unnest(elem)
 }
 
-// encodeKey lays a key out as the set's type says.
-func encodeKey(t KeyType, k Key) []byte {
+// encodeKey lays a key out as the set's type says; for a range, last
+// gives its last key rather than its first.
+func encodeKey(t KeyType, k Key, last bool) []byte {
 	out := make([]byte, 0, keyLayouts[t].len)
 	switch t {
+	case KeyAffinity4, KeyAffinity6:
+		out = append(append(out, k.Addr.AsSlice()...), k.Addr2.AsSlice()...)
+		return append(out, byte(k.Proto), 0, 0, 0, byte(k.Port>>8), byte(k.Port), 0, 0)
+	case KeyFirewall4, KeyFirewall6:
+		out = append(out, k.Addr.AsSlice()...)
+		out = append(out, byte(k.Proto), 0, 0, 0, byte(k.Port>>8), byte(k.Port), 0, 0)
+		return append(out, prefixBound(k.Source, last)...)
 	case KeyAddr4, KeyAddr6:
 		return append(out, k.Addr.AsSlice()...)
 	case KeyAddr4Pair, KeyAddr6Pair:

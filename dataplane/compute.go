@@ -299,6 +299,7 @@ func (c *Computer) resolve(svc types.NamespacedName, fr *fragment) *ServiceRules
 		winner := c.claims[k][0]
 		if winner.service == svc && winner.rank == cl.rank {
 			r.Elements = append(r.Elements, cl.Element)
+			r.Elements = append(r.Elements, cl.extra...)
 			continue
 		}
 		if cl.frontend != "" {
@@ -329,7 +330,13 @@ func compareKeys(a, b Key) int {
 	if c := cmp.Compare(a.Proto, b.Proto); c != 0 {
 		return c
 	}
-	return cmp.Compare(a.Port, b.Port)
+	if c := cmp.Compare(a.Port, b.Port); c != 0 {
+		return c
+	}
+	if c := a.Source.Addr().Compare(b.Source.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Source.Bits(), b.Source.Bits())
 }
 
 // Problems lists, sorted, everything the ruleset could not program: the

@@ -50,6 +50,8 @@ func TestComputeGolden(t *testing.T) {
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
+func addrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }
+
 func TestPacketFlow(t *testing.T) {
 	tr := newTracer(Compute(exampleSnapshot()))
 	outside, pod := addr("192.168.0.2"), addr("10.1.0.50")
@@ -195,7 +197,7 @@ func TestIgnoredServices(t *testing.T) {
 // packet for packet (index runs may differ, what they lead to may not).
 func TestIncrementalMatchesFresh(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	snap := syntheticSnapshot(60, 3)
+	snap := syntheticSnapshot(60, 3, true)
 	c := NewComputer()
 	c.Compute(snap)
 	for step := range 200 {
@@ -205,7 +207,7 @@ func TestIncrementalMatchesFresh(t *testing.T) {
 		case 0:
 			delete(snap.Services, key)
 		default:
-			snap.Services[key] = syntheticService(i, 1+rng.IntN(6), rng.IntN(5))
+			snap.Services[key] = syntheticServiceWith(i, 1+rng.IntN(6), rng.IntN(5), rng.IntN(2) == 0)
 		}
 		var inc *Ruleset
 		if step%2 == 0 {

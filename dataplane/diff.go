@@ -42,12 +42,16 @@ func writeRebuild(b *batch, rs *Ruleset) {
 // kernelObjects names chains and sets found in the kernel's table.
 type kernelObjects struct{ chains, sets []string }
 
-// writeContents adds every set, chain, rule and element of rs; a set that
-// exists already is flushed first.
+// writeContents adds every set, chain, rule and element of rs; a static
+// set that exists already is flushed first. A dynamic one (session
+// affinity) keeps its entries, so clients keep their endpoints across a
+// restart; Replace then deletes those that went stale.
 func writeContents(b *batch, rs *Ruleset) {
 	for _, s := range rs.Base.Sets {
 		b.addSet(s)
-		b.flushSet(s.Name)
+		if s.Flags&SetDynamic == 0 {
+			b.flushSet(s.Name)
+		}
 	}
 	chains := allChains(rs)
 	for _, c := range chains {
@@ -142,7 +146,7 @@ func sameDeclarations(a, b *Base) bool {
 	}
 	for i := range a.Sets {
 		x, y := a.Sets[i], b.Sets[i]
-		if x.Name != y.Name || x.Key != y.Key || x.Data != y.Data || x.Comment != y.Comment {
+		if x.Name != y.Name || x.Key != y.Key || x.Data != y.Data || x.Flags != y.Flags || x.Size != y.Size || x.Comment != y.Comment {
 			return false
 		}
 	}

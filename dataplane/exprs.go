@@ -2,6 +2,7 @@ package dataplane
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
@@ -142,6 +143,48 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 		return append(matchFamily(s.Family), loadAddr(s.Family, Saddr, reg1),
 			loadAddr(s.Family, Daddr, reg32First+addrLen(s.Family)/4),
 			&expr.Lookup{SourceRegister: reg1, SetName: s.Set}), nil
+	case MatchFibSaddrLocal:
+		return []expr.Any{
+			&expr.Fib{Register: reg1, FlagSADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		}, nil
+	case MatchFrontendSet:
+		out := append(matchFamily(s.Family), loadAddr(s.Family, Daddr, reg1))
+		next := reg32First + addrLen(s.Family)/4
+		out = append(out, loadProtoPort(next, next+1)...)
+		return append(out, &expr.Lookup{SourceRegister: reg1, SetName: s.Set}), nil
+	case MatchFirewallAllowed:
+		// As nft writes an interval concatenation: the one-byte protocol
+		// goes through a (no-op) byteorder conversion.
+		out := append(matchFamily(s.Family), loadAddr(s.Family, Daddr, reg1))
+		next := reg32First + addrLen(s.Family)/4
+		out = append(out,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: next},
+			&expr.Byteorder{SourceRegister: next, DestRegister: next, Op: expr.ByteorderHton, Len: 1, Size: 2},
+			&expr.Payload{OperationType: expr.PayloadLoad, DestRegister: next + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			loadAddr(s.Family, Saddr, next+2),
+			&expr.Lookup{SourceRegister: reg1, SetName: s.Set, Invert: s.Negate})
+		return out, nil
+	case RecordAffinity:
+		// The key fills the registers from reg1; the endpoint follows it.
+		key, next := affinityKey(s.Family)
+		port := s.Target.Port()
+		return append(key,
+			&expr.Immediate{Register: next, Data: s.Target.Addr().AsSlice()},
+			&expr.Immediate{Register: next + addrLen(s.Family)/4, Data: []byte{byte(port >> 8), byte(port)}},
+			&expr.Dynset{SrcRegKey: reg1, SrcRegData: next, SetName: s.Set, Operation: unix.NFT_DYNSET_OP_UPDATE,
+				Timeout: time.Duration(s.Timeout) * time.Second}), nil
+	case DNATAffinity:
+		key, _ := affinityKey(s.Family)
+		return append(key,
+			&expr.Lookup{SourceRegister: reg1, DestRegister: reg1, IsDestRegSet: true, SetName: s.Set},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(s.Family)), RegAddrMin: reg1,
+				RegProtoMin: reg32First + addrLen(s.Family)/4}), nil
+	case MatchRandom:
+		return []expr.Any{
+			&expr.Numgen{Register: reg1, Modulus: s.Mod, Type: unix.NFT_NG_RANDOM},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: make([]byte, 4)},
+		}, nil
 	case DNATRandom:
 		// The map's value is address then port, so the port lands in the
 		// 32-bit register after the address.
@@ -166,6 +209,17 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 		return []expr.Any{verdictExpr(s.Verdict)}, nil
 	}
 	return nil, fmt.Errorf("unknown statement %T", s)
+}
+
+// affinityKey loads the key of the affinity maps into consecutive
+// registers from reg1: client address, destination address (the
+// frontend, before DNAT), l4 protocol, destination port. It returns the
+// first register after the key.
+func affinityKey(f Family) ([]expr.Any, uint32) {
+	daddr := reg32First + addrLen(f)/4
+	proto := daddr + addrLen(f)/4
+	out := append(matchFamily(f), loadAddr(f, Saddr, reg1), loadAddr(f, Daddr, daddr))
+	return append(out, loadProtoPort(proto, proto+1)...), proto + 2
 }
 
 // testBits loads a 32-bit value into reg1 and compares its mask bits with

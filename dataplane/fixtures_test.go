@@ -3,6 +3,7 @@ package dataplane
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -17,7 +18,10 @@ import (
 // Test fixtures: small builders for Services and EndpointSlices, so each
 // test states only what matters to it.
 
-const testNode = "node-a"
+const (
+	testNode  = "node-a"
+	otherNode = "node-b"
+)
 
 func testConfig() proxyv1alpha1.ProxyConfigSpec {
 	spec := proxyv1alpha1.ProxyConfigSpec{ClusterCIDRs: []proxyv1alpha1.CIDR{"10.1.0.0/16", "fd00:10::/64"}}
@@ -109,6 +113,37 @@ func withLoadBalancer(ingress ...corev1.LoadBalancerIngress) svcOption {
 	}
 }
 
+// withAffinity sets ClientIP session affinity with a timeout in seconds.
+func withAffinity(timeout int32) svcOption {
+	return func(s *corev1.Service) {
+		s.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+		s.Spec.SessionAffinityConfig = &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr.To(timeout)}}
+	}
+}
+
+func withSourceRanges(cidrs ...string) svcOption {
+	return func(s *corev1.Service) { s.Spec.LoadBalancerSourceRanges = cidrs }
+}
+
+func withExternalPolicyLocal() svcOption {
+	return func(s *corev1.Service) { s.Spec.ExternalTrafficPolicy = corev1.ServiceExternalTrafficPolicyLocal }
+}
+
+func withInternalPolicyLocal() svcOption {
+	return func(s *corev1.Service) {
+		s.Spec.InternalTrafficPolicy = ptr.To(corev1.ServiceInternalTrafficPolicyLocal)
+	}
+}
+
+// remote moves the endpoints from index from on to another node.
+func remote(eps []ep, from int) []ep {
+	out := slices.Clone(eps)
+	for i := from; i < len(out); i++ {
+		out[i].node = otherNode
+	}
+	return out
+}
+
 func withLabel(k, v string) svcOption {
 	return func(s *corev1.Service) {
 		if s.Labels == nil {
@@ -124,6 +159,8 @@ type ep struct {
 	ready       bool
 	serving     bool
 	terminating bool
+	// zones are the zone hints, none when empty.
+	zones []string
 }
 
 func ready(addr string) ep { return ep{addr: addr, node: testNode, ready: true, serving: true} }
@@ -143,13 +180,20 @@ func slice(svc *corev1.Service, name string, family discoveryv1.AddressType, por
 		sl.Ports = append(sl.Ports, discoveryv1.EndpointPort{Name: ptr.To(ps.name), Port: ptr.To(ps.port), Protocol: ptr.To(ps.proto)})
 	}
 	for _, e := range eps {
-		sl.Endpoints = append(sl.Endpoints, discoveryv1.Endpoint{
+		endpoint := discoveryv1.Endpoint{
 			Addresses: []string{e.addr},
 			NodeName:  ptr.To(e.node),
 			Conditions: discoveryv1.EndpointConditions{
 				Ready: ptr.To(e.ready), Serving: ptr.To(e.serving), Terminating: ptr.To(e.terminating),
 			},
-		})
+		}
+		if len(e.zones) > 0 {
+			endpoint.Hints = &discoveryv1.EndpointHints{}
+			for _, z := range e.zones {
+				endpoint.Hints.ForZones = append(endpoint.Hints.ForZones, discoveryv1.ForZone{Name: z})
+			}
+		}
+		sl.Endpoints = append(sl.Endpoints, endpoint)
 	}
 	return sl
 }

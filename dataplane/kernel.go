@@ -32,12 +32,14 @@ type BatchStats struct {
 }
 
 // KernelApplier programs our nftables table over netlink. It remembers
-// what it last applied and sends only the difference; it reads the kernel
-// only to name the chains and sets of its table when it replaces it. The
-// first Apply, and the first after a failed one, replaces the whole table
-// in one transaction, so taking over from a previous agent (or repairing
-// a table someone edited) leaves no moment without rules. It is not safe
-// for concurrent use.
+// what it last applied and sends only the difference. It reads the kernel
+// only to name the chains and sets of its table when it replaces it, and,
+// after a change to a Service with session affinity, to find the entries
+// of the affinity maps that point at removed endpoints. The first Apply,
+// and the first after a failed one, replaces the whole table in one
+// transaction, so taking over from a previous agent (or repairing a table
+// someone edited) leaves no moment without rules. It is not safe for
+// concurrent use.
 type KernelApplier struct {
 	conn    *netlink.Conn
 	netns   string // the namespace programmed; "" for the caller's
@@ -115,6 +117,14 @@ func (k *KernelApplier) Apply(ctx context.Context, rs *Ruleset) error {
 				k.applied = nil
 				return err
 			}
+			if check := newAffinityCheck(k.applied, rs); check != nil {
+				if err := k.removeStaleAffinity(ctx, rs, check); err != nil {
+					// The next Apply replaces the table, affinity maps
+					// and all, rather than leave stale entries.
+					k.applied = nil
+					return fmt.Errorf("remove stale session affinity entries: %w", err)
+				}
+			}
 			k.applied = rs
 			return nil
 		}
@@ -133,6 +143,9 @@ func (k *KernelApplier) Replace(ctx context.Context, rs *Ruleset) error {
 		b := newBatch(estimateSize(rs), k.seq)
 		writeReplace(b, rs, found.staleFor(rs))
 		if err = k.send(ctx, b, true); err == nil {
+			if err := k.removeStaleAffinity(ctx, rs, fullAffinityCheck(rs)); err != nil {
+				return fmt.Errorf("remove stale session affinity entries: %w", err)
+			}
 			k.applied = rs
 			return nil
 		}

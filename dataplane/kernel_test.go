@@ -43,12 +43,23 @@ func kernelSnapshot(tp *netnstest.Topology, webPods ...int) *Snapshot {
 	dns := service("kube-system", "dns", []string{"10.96.0.53"}, []string{"dns:53/UDP", "dns-tcp:53/TCP"})
 	lb := service("default", "lb", []string{"10.96.0.20"}, []string{"80"}, withLoadBalancer(corev1.LoadBalancerIngress{IP: "198.51.100.20"}))
 	empty := service("default", "empty", []string{"10.96.0.99"}, []string{"80"}, withNodePorts(30099))
+	// Policies: sticky has ClientIP affinity (dual-stack); guarded is a
+	// LoadBalancer with source ranges and externalTrafficPolicy Local.
+	sticky := service("default", "sticky", []string{"10.96.0.30", "fd00:96::30"}, []string{"http:80"}, withAffinity(3))
+	guarded := service("default", "guarded", []string{"10.96.0.40", "fd00:96::40"}, []string{"http:80"},
+		withLoadBalancer(corev1.LoadBalancerIngress{IP: "198.51.100.40"}, corev1.LoadBalancerIngress{IP: "2001:db8::40"}),
+		withSourceRanges("192.168.0.0/30", "10.1.0.0/16", "fd00:1::/64"), withExternalPolicyLocal())
+	guarded.Spec.Ports[0].NodePort = 30040
 	snap := newSnapshot(
 		state(web, slice(web, "web-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, eps4...),
 			slice(web, "web-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, eps6...)),
 		state(dns, slice(dns, "dns", discoveryv1.AddressTypeIPv4, []string{"dns:5353/UDP", "dns-tcp:5353/TCP"}, eps4...)),
 		state(lb, slice(lb, "lb", discoveryv1.AddressTypeIPv4, []string{"8080"}, ready(tp.Pods[len(tp.Pods)-1].IPv4.String()))),
 		state(empty),
+		state(sticky, slice(sticky, "sticky-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, eps4...),
+			slice(sticky, "sticky-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, eps6...)),
+		state(guarded, slice(guarded, "guarded-v4", discoveryv1.AddressTypeIPv4, []string{"http:8080"}, remote(eps4, 1)...),
+			slice(guarded, "guarded-v6", discoveryv1.AddressTypeIPv6, []string{"http:8080"}, remote(eps6, 1)...)),
 	)
 	snap.NodeAddresses = []netip.Addr{addr("192.168.0.1"), addr("fd00:1::1"), addr("10.1.0.1"), addr("fd00:10::1"), addr("127.0.0.1")}
 	return snap

@@ -117,6 +117,9 @@ type PortSummary struct {
 	Endpoints []netip.AddrPort
 	// LocalEndpoints counts the usable endpoints on this node.
 	LocalEndpoints int
+	// AffinityTimeout is the ClientIP session affinity timeout in
+	// seconds, 0 without affinity.
+	AffinityTimeout uint32
 }
 
 // LocalEndpoints is the Service's count of usable endpoints on this node:
@@ -131,13 +134,28 @@ func (r *ServiceRules) LocalEndpoints() int {
 
 // Set declares a named set or map of the table.
 type Set struct {
-	Name    string
-	Key     KeyType
-	Data    DataType // DataNone for a plain set
+	Name  string
+	Key   KeyType
+	Data  DataType // DataNone for a plain set
+	Flags SetFlags
+	// Size caps the elements of a dynamic set (0: the kernel's default,
+	// which is 65535 for sets the packet path fills).
+	Size    uint32
 	Comment string
 	// Elements are the static ones, for sets of the Base.
 	Elements []Element
 }
+
+// SetFlags are the nftables set flags nftproxy uses.
+type SetFlags uint8
+
+const (
+	// SetInterval: the key's last field is a prefix (elements are ranges).
+	SetInterval SetFlags = 1 << iota
+	// SetDynamic: the packet path adds and refreshes elements, each with
+	// its own timeout; the control plane never writes them.
+	SetDynamic
+)
 
 // KeyType is the shape of a set's key.
 type KeyType uint8
@@ -157,6 +175,15 @@ const (
 	// KeyAddr4Pair and KeyAddr6Pair: source and destination address.
 	KeyAddr4Pair
 	KeyAddr6Pair
+	// KeyAffinity4 and KeyAffinity6: client address, frontend address,
+	// l4 protocol, frontend port (the session affinity maps: a client's
+	// endpoint for one frontend).
+	KeyAffinity4
+	KeyAffinity6
+	// KeyFirewall4 and KeyFirewall6: LoadBalancer IP, l4 protocol, port,
+	// source prefix (the allowed sources of loadBalancerSourceRanges).
+	KeyFirewall4
+	KeyFirewall6
 )
 
 // DataType is what a map maps to.
@@ -187,6 +214,8 @@ type Key struct {
 	Proto Protocol
 	Port  uint16
 	Index uint32
+	// Source is the source range of a firewall element.
+	Source netip.Prefix
 }
 
 // VerdictKind is what a verdict does.
@@ -303,6 +332,47 @@ type VmapLookup struct {
 	Map string
 }
 
+// MatchFibSaddrLocal matches packets whose source address is one of the
+// node's own (fib saddr type local): traffic the node itself sends.
+type MatchFibSaddrLocal struct{}
+
+// MatchFrontendSet matches destination address, l4 protocol and
+// destination port against a named set of frontends.
+type MatchFrontendSet struct {
+	Family Family
+	Set    string
+}
+
+// MatchFirewallAllowed matches (destination address, l4 protocol,
+// destination port, source address) against a named interval set of
+// allowed sources; Negate matches the packets the set does not allow.
+type MatchFirewallAllowed struct {
+	Family Family
+	Set    string
+	Negate bool
+}
+
+// RecordAffinity remembers Target as the client's endpoint for the
+// packet's frontend in the family's affinity map, to expire Timeout
+// seconds from now. A client that already has an entry keeps its
+// endpoint: the kernel only refreshes the entry's timeout.
+type RecordAffinity struct {
+	Family  Family
+	Set     string
+	Target  netip.AddrPort
+	Timeout uint32
+}
+
+// DNATAffinity DNATs to the endpoint the affinity map holds for the
+// client and the packet's frontend; a miss ends the rule.
+type DNATAffinity struct {
+	Family Family
+	Set    string
+}
+
+// MatchRandom matches with probability 1/Mod (numgen random mod Mod == 0).
+type MatchRandom struct{ Mod uint32 }
+
 // MatchAddrPairSet matches (source address, destination address) against
 // a named set of pairs.
 type MatchAddrPairSet struct {
@@ -339,17 +409,23 @@ type Reject struct{ TCPReset bool }
 // VerdictStmt ends the rule with a verdict.
 type VerdictStmt struct{ Verdict Verdict }
 
-func (MatchCtStateNew) isStmt()    {}
-func (MatchAddr) isStmt()          {}
-func (MatchAddrSet) isStmt()       {}
-func (MatchIifnamePrefix) isStmt() {}
-func (MatchL4Proto) isStmt()       {}
-func (MatchMarkUnset) isStmt()     {}
-func (VmapLookup) isStmt()         {}
-func (MatchAddrPairSet) isStmt()   {}
-func (DNATRandom) isStmt()         {}
-func (SetMarkBits) isStmt()        {}
-func (ClearMarkBits) isStmt()      {}
-func (Masquerade) isStmt()         {}
-func (Reject) isStmt()             {}
-func (VerdictStmt) isStmt()        {}
+func (MatchCtStateNew) isStmt()      {}
+func (MatchAddr) isStmt()            {}
+func (MatchAddrSet) isStmt()         {}
+func (MatchIifnamePrefix) isStmt()   {}
+func (MatchL4Proto) isStmt()         {}
+func (MatchMarkUnset) isStmt()       {}
+func (VmapLookup) isStmt()           {}
+func (MatchAddrPairSet) isStmt()     {}
+func (MatchFibSaddrLocal) isStmt()   {}
+func (MatchFrontendSet) isStmt()     {}
+func (MatchFirewallAllowed) isStmt() {}
+func (RecordAffinity) isStmt()       {}
+func (DNATAffinity) isStmt()         {}
+func (MatchRandom) isStmt()          {}
+func (DNATRandom) isStmt()           {}
+func (SetMarkBits) isStmt()          {}
+func (ClearMarkBits) isStmt()        {}
+func (Masquerade) isStmt()           {}
+func (Reject) isStmt()               {}
+func (VerdictStmt) isStmt()          {}

@@ -18,10 +18,14 @@ const (
 	setClusterIPs          = "cluster-ips"
 	setEndpoints           = "endpoints"
 	setHairpin             = "hairpin"
+	setAffinity            = "affinity"
+	setFirewallIPs         = "firewall-ips"
+	setFirewallAllow       = "firewall-allow"
 
 	chainNATPrerouting          = "nat-prerouting"
 	chainNATOutput              = "nat-output"
 	chainNATPostrouting         = "nat-postrouting"
+	chainFilterPrerouting       = "filter-prerouting"
 	chainFilterInput            = "filter-input"
 	chainFilterForward          = "filter-forward"
 	chainFilterOutput           = "filter-output"
@@ -30,6 +34,7 @@ const (
 	chainServiceEndpointsCheck  = "service-endpoints-check"
 	chainNodePortEndpointsCheck = "nodeport-endpoints-check"
 	chainClusterIPsCheck        = "cluster-ips-check"
+	chainFirewallCheck          = "firewall-check"
 	chainMasquerading           = "masquerading"
 	chainRejectPacket           = "reject-packet"
 )
@@ -51,6 +56,22 @@ func endpointMapName(f Family, chain string) string {
 	return endpointShardName(f, h.Sum32()%endpointMapShards)
 }
 
+// affinityMapShards is how many affinity maps each family has. Adding a
+// rule that looks a map up makes the kernel walk every other rule bound
+// to that map, so one map for every Service with affinity would make a
+// cold start quadratic; the service chain's name picks its shard.
+const affinityMapShards = 16
+
+func affinityMapName(f Family, chain string) string {
+	h := fnv.New32a()
+	h.Write([]byte(chain))
+	return affinityShardName(f, h.Sum32()%affinityMapShards)
+}
+
+func affinityShardName(f Family, shard uint32) string {
+	return fmt.Sprintf("%s%s-%02x", setAffinity, f.Suffix(), shard)
+}
+
 func endpointShardName(f Family, shard uint32) string {
 	return fmt.Sprintf("%s%s-%02x", setEndpoints, f.Suffix(), shard)
 }
@@ -63,6 +84,15 @@ func servicePortID(svc types.NamespacedName, proto Protocol, port int32) string 
 
 // serviceChainName is the chain that picks an endpoint for a Service port.
 func serviceChainName(f Family, portID string) string { return "svc" + f.Suffix() + "-" + portID }
+
+// localChainName is the chain that picks one of the port's endpoints on
+// this node, for Local traffic policies.
+func localChainName(f Family, portID string) string { return "local" + f.Suffix() + "-" + portID }
+
+// internalChainName is the chain ClusterIP traffic of a port with
+// internalTrafficPolicy Local goes through (masquerade what comes from
+// outside the cluster) before the local chain.
+func internalChainName(f Family, portID string) string { return "int" + f.Suffix() + "-" + portID }
 
 // externalChainName is the chain external frontends (NodePort, externalIPs,
 // LoadBalancer IPs) of a Service port go through before the service chain.

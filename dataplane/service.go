@@ -3,6 +3,7 @@ package dataplane
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -40,6 +41,10 @@ type claim struct {
 	// ("externalIP"); empty for claims Services may share harmlessly
 	// (membership of the ClusterIP and hairpin sets).
 	frontend string
+	// extra are elements that go with the frontend to whichever Service
+	// wins it: the drop of a Local policy without local endpoints, the
+	// firewall of loadBalancerSourceRanges.
+	extra []Element
 }
 
 // claimGroup is a key space in which claims collide: the frontends on
@@ -113,6 +118,8 @@ type endpoint struct {
 	serving     bool
 	terminating bool
 	nodeName    string
+	zoneHints   []string
+	nodeHints   []string
 }
 
 // portEndpoints collects the endpoints of one Service port in one family
@@ -157,6 +164,14 @@ func portEndpoints(slicesOf []*discoveryv1.EndpointSlice, f Family, portName str
 				serving = *e.Conditions.Serving
 			}
 			ep := endpoint{addr: ap, ready: ready, serving: serving, terminating: ptrValue(e.Conditions.Terminating), nodeName: ptrValue(e.NodeName)}
+			if e.Hints != nil {
+				for _, z := range e.Hints.ForZones {
+					ep.zoneHints = append(ep.zoneHints, z.Name)
+				}
+				for _, n := range e.Hints.ForNodes {
+					ep.nodeHints = append(ep.nodeHints, n.Name)
+				}
+			}
 			if old, ok := byAddr[ap]; ok {
 				old.ready = old.ready || ep.ready
 				old.serving = old.serving || ep.serving
@@ -193,12 +208,61 @@ func usableEndpoints(eps []endpoint) []endpoint {
 	return terminating
 }
 
-func endpointAddrs(eps []endpoint) []netip.AddrPort {
-	out := make([]netip.AddrPort, len(eps))
-	for i, ep := range eps {
-		out[i] = ep.addr
+// clusterEndpoints are the endpoints Cluster traffic policy uses: the
+// ready ones the topology prefers, or, with none ready, the serving
+// terminating ones (as kube-proxy's CategorizeEndpoints).
+func clusterEndpoints(eps []endpoint, s *settings) []endpoint {
+	pick := topologyFilter(eps, s)
+	var out []endpoint
+	for _, ep := range eps {
+		if ep.ready && pick(ep) {
+			out = append(out, ep)
+		}
 	}
-	return out
+	if len(out) > 0 {
+		return out
+	}
+	return usableEndpoints(eps)
+}
+
+// localEndpoints are the usable endpoints on this node, the fallback to
+// terminating ones decided among the local endpoints alone.
+func localEndpoints(eps []endpoint, s *settings) []endpoint {
+	var local []endpoint
+	for _, ep := range eps {
+		if ep.nodeName != "" && ep.nodeName == s.nodeName {
+			local = append(local, ep)
+		}
+	}
+	return usableEndpoints(local)
+}
+
+// topologyFilter says which ready endpoints topology-aware routing keeps,
+// as kube-proxy decides it from the hints alone (the EndpointSlice
+// controller writes them only for Services that ask, by
+// trafficDistribution or the topology-mode annotation): when every ready
+// endpoint has node hints and one names this node, those for this node;
+// else when every ready endpoint has zone hints and one names this
+// node's zone, those for the zone; else all.
+func topologyFilter(eps []endpoint, s *settings) func(endpoint) bool {
+	anyReady, allNode, forNode, allZone, forZone := false, true, false, true, false
+	for _, ep := range eps {
+		if !ep.ready {
+			continue
+		}
+		anyReady = true
+		allNode = allNode && len(ep.nodeHints) > 0
+		forNode = forNode || slices.Contains(ep.nodeHints, s.nodeName) && s.nodeName != ""
+		allZone = allZone && len(ep.zoneHints) > 0
+		forZone = forZone || slices.Contains(ep.zoneHints, s.nodeZone) && s.nodeZone != ""
+	}
+	switch {
+	case anyReady && allNode && forNode:
+		return func(ep endpoint) bool { return slices.Contains(ep.nodeHints, s.nodeName) }
+	case anyReady && allZone && forZone:
+		return func(ep endpoint) bool { return slices.Contains(ep.zoneHints, s.nodeZone) }
+	}
+	return func(endpoint) bool { return true }
 }
 
 func ptrValue[T any](p *T) T {
@@ -266,7 +330,7 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 			field := fmt.Sprintf("status.loadBalancer.ingress[%d].ip", i)
 			a, ok := fr.externalAddr(field, ing.IP, clusterIPs, nil)
 			if ok {
-				external[familyOf(a)] = append(external[familyOf(a)], externalAddr{a, "LoadBalancer IP"})
+				external[familyOf(a)] = append(external[familyOf(a)], externalAddr{a, kindLoadBalancerIP})
 			}
 		}
 	}
@@ -298,6 +362,7 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 		fr.healthCheckNodePort = uint16(svc.Spec.HealthCheckNodePort)
 	}
 
+	pol := fr.parsePolicy(svc)
 	clusterIPComment := key.Namespace + "/" + key.Name
 	for _, f := range Families {
 		vip, ok := clusterIPs[f]
@@ -309,7 +374,7 @@ func computeService(key types.NamespacedName, st ServiceState, s *settings, inde
 			group:   groupClusterIPs.in(f), rank: rankAllocated,
 		})
 		for _, port := range ports {
-			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s, indexes)
+			fr.addServicePort(key, f, vip, external[f], port.ServicePort, port.proto, st.Slices, s, indexes, pol)
 		}
 	}
 	slices.SortFunc(fr.chains, func(a, b *Chain) int { return cmp.Compare(a.Name, b.Name) })
@@ -353,97 +418,314 @@ func (fr *fragment) problem(format string, args ...any) {
 	fr.problems = append(fr.problems, fmt.Sprintf(format, args...))
 }
 
-// addServicePort adds the chains and frontends of one Service port in one
-// family: the ClusterIP, NodePort, externalIP and LoadBalancer frontends
-// go to the port's chains when it has usable endpoints, and to the
-// no-endpoint maps (which reject) when it has none.
-func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip.Addr, external []externalAddr,
-	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings, indexes indexSource) {
-	portID := servicePortID(key, proto, port.Port)
-	comment := frontendComment(key, port.Name, port.Port)
-	usable := usableEndpoints(portEndpoints(slicesOf, f, port.Name, proto))
-	eps := endpointAddrs(usable)
-	summary := PortSummary{Family: f, Proto: proto, Frontends: []netip.AddrPort{netip.AddrPortFrom(vip, uint16(port.Port))}, Endpoints: eps}
-	for _, ep := range usable {
-		if ep.nodeName != "" && ep.nodeName == s.nodeName {
-			summary.LocalEndpoints++
+// Session affinity limits, as the API defines them.
+const (
+	defaultAffinityTimeout = 10800
+	maxAffinityTimeout     = 86400
+)
+
+// annotationSourceRanges is the beta annotation kube-proxy reads when
+// spec.loadBalancerSourceRanges is empty.
+const annotationSourceRanges = "service.beta.kubernetes.io/load-balancer-source-ranges"
+
+// policy is what a Service's traffic policies, affinity and source
+// ranges ask of each of its ports.
+type policy struct {
+	internalLocal, externalLocal bool
+	// affinity is the ClientIP affinity timeout in seconds; 0 for none.
+	affinity uint32
+	// sourceRanges are the valid loadBalancerSourceRanges; filtered is
+	// whether any were given (then a family without ranges admits no
+	// source).
+	sourceRanges []netip.Prefix
+	filtered     bool
+}
+
+// parsePolicy reads the Service's policies, reporting values it cannot
+// use and what it does instead.
+func (fr *fragment) parsePolicy(svc *corev1.Service) policy {
+	var pol policy
+	switch p := ptrValue(svc.Spec.InternalTrafficPolicy); p {
+	case "", corev1.ServiceInternalTrafficPolicyCluster:
+	case corev1.ServiceInternalTrafficPolicyLocal:
+		pol.internalLocal = true
+	default:
+		fr.problem("spec.internalTrafficPolicy: unknown policy %q; using Cluster", p)
+	}
+	switch p := svc.Spec.ExternalTrafficPolicy; p {
+	case "", corev1.ServiceExternalTrafficPolicyCluster:
+	case corev1.ServiceExternalTrafficPolicyLocal:
+		pol.externalLocal = true
+	default:
+		fr.problem("spec.externalTrafficPolicy: unknown policy %q; using Cluster", p)
+	}
+	switch svc.Spec.SessionAffinity {
+	case "", corev1.ServiceAffinityNone:
+	case corev1.ServiceAffinityClientIP:
+		pol.affinity = defaultAffinityTimeout
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			if t := *c.ClientIP.TimeoutSeconds; t >= 1 && t <= maxAffinityTimeout {
+				pol.affinity = uint32(t)
+			} else {
+				fr.problem("spec.sessionAffinityConfig.clientIP.timeoutSeconds: %d is outside 1..%d; using %d", t, maxAffinityTimeout, defaultAffinityTimeout)
+			}
+		}
+	default:
+		fr.problem("spec.sessionAffinity: unknown value %q; no affinity", svc.Spec.SessionAffinity)
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		field, ranges := "spec.loadBalancerSourceRanges", svc.Spec.LoadBalancerSourceRanges
+		if len(ranges) == 0 && svc.Annotations[annotationSourceRanges] != "" {
+			field = "metadata.annotations[" + annotationSourceRanges + "]"
+			ranges = strings.Split(svc.Annotations[annotationSourceRanges], ",")
+		}
+		for i, raw := range ranges {
+			pol.filtered = true
+			p, err := netip.ParsePrefix(strings.TrimSpace(raw))
+			if err != nil || p.Addr().Zone() != "" {
+				fr.problem("%s[%d]: %q is not a CIDR; ignored", field, i, raw)
+				continue
+			}
+			pol.sourceRanges = append(pol.sourceRanges, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-unmappedBits(p.Addr())).Masked())
 		}
 	}
+	return pol
+}
+
+// unmappedBits is how many prefix bits an IPv4-mapped IPv6 address loses
+// when unmapped.
+func unmappedBits(a netip.Addr) int {
+	if a.Is4In6() {
+		return 96
+	}
+	return 0
+}
+
+// addServicePort adds the chains and frontends of one Service port in one
+// family. Cluster traffic policy uses the cluster endpoints (topology
+// applied), Local the endpoints on this node, each set falling back to
+// terminating endpoints on its own. Frontends go to the port's chains
+// when the policy that serves them has endpoints; to the no-endpoint maps
+// otherwise (reject when the Service has no usable endpoint anywhere,
+// drop when only this node has none).
+func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip.Addr, external []externalAddr,
+	port corev1.ServicePort, proto Protocol, slicesOf []*discoveryv1.EndpointSlice, s *settings, indexes indexSource, pol policy) {
+	portID := servicePortID(key, proto, port.Port)
+	comment := frontendComment(key, port.Name, port.Port)
+	all := portEndpoints(slicesOf, f, port.Name, proto)
+	hasEndpoints := len(usableEndpoints(all)) > 0
+	nodePort := uint16(0)
+	if port.NodePort > 0 && port.NodePort <= 65535 {
+		nodePort = uint16(port.NodePort)
+	}
+	externallyAccessible := len(external) > 0 || nodePort != 0
+	internalLocal, externalLocal := pol.internalLocal, pol.externalLocal && externallyAccessible
+	usesCluster := !internalLocal || externallyAccessible
+
+	var cluster, local []endpoint
+	if usesCluster {
+		cluster = clusterEndpoints(all, s)
+	}
+	local = localEndpoints(all, s)
+	usesLocal := (internalLocal || externalLocal) && len(local) > 0
+
+	summary := PortSummary{Family: f, Proto: proto, Frontends: []netip.AddrPort{netip.AddrPortFrom(vip, uint16(port.Port))},
+		NodePort: nodePort, LocalEndpoints: len(local), AffinityTimeout: pol.affinity}
 	for _, ext := range external {
 		summary.Frontends = append(summary.Frontends, netip.AddrPortFrom(ext.addr, uint16(port.Port)))
 	}
-	if port.NodePort > 0 && port.NodePort <= 65535 {
-		summary.NodePort = uint16(port.NodePort)
+
+	clusterChain, localChain := serviceChainName(f, portID), localChainName(f, portID)
+	reachable := map[netip.AddrPort]bool{}
+	if hasEndpoints && usesCluster {
+		fr.addEndpointChain(f, clusterChain, comment, proto, cluster, fr.markFromOutside(f, s), indexes, pol, reachable)
 	}
+	if hasEndpoints && usesLocal {
+		fr.addEndpointChain(f, localChain, comment, proto, local, nil, indexes, pol, reachable)
+	}
+	summary.Endpoints = slices.SortedFunc(maps.Keys(reachable), netip.AddrPort.Compare)
 	fr.ports = append(fr.ports, summary)
 
 	ipMap, nodePortMap := familySet(setServiceIPs, f), familySet(setServiceNodePorts, f)
-	clusterTarget, externalTarget := Goto(serviceChainName(f, portID)), Goto(externalChainName(f, portID))
-	if len(eps) == 0 {
-		ipMap, nodePortMap = familySet(setNoEndpointServices, f), familySet(setNoEndpointNodePorts, f)
-		clusterTarget, externalTarget = Goto(chainRejectPacket), Goto(chainRejectPacket)
-	} else {
-		fr.addPortChains(f, portID, comment, proto, eps, s, indexes)
-	}
-	hasExternal := false
-
+	noEpMap, noEpNodePortMap := familySet(setNoEndpointServices, f), familySet(setNoEndpointNodePorts, f)
+	reject, drop := Goto(chainRejectPacket), Verdict{Kind: VerdictDrop}
 	ipGroup, nodePortGroup := groupFrontends.in(f), groupNodePorts.in(f)
-	fr.claims = append(fr.claims, claim{
-		Element: Element{Set: ipMap, Key: Key{Addr: vip, Proto: proto, Port: uint16(port.Port)}, Verdict: clusterTarget, Comment: comment},
-		group:   ipGroup, rank: rankAllocated, frontend: "ClusterIP",
-	})
+	ipKey := func(a netip.Addr) Key { return Key{Addr: a, Proto: proto, Port: uint16(port.Port)} }
+
+	// The ClusterIP.
+	cl := claim{group: ipGroup, rank: rankAllocated, frontend: "ClusterIP"}
+	switch {
+	case !hasEndpoints:
+		cl.Element = Element{Set: noEpMap, Key: ipKey(vip), Verdict: reject, Comment: comment}
+	case internalLocal && !usesLocal:
+		cl.Element = Element{Set: noEpMap, Key: ipKey(vip), Verdict: drop, Comment: comment}
+	case internalLocal:
+		target := localChain
+		if mark := fr.markFromOutside(f, s); mark != nil {
+			// ClusterIP traffic from outside the cluster is masqueraded
+			// (as under Cluster policy); external traffic that reaches the
+			// same local endpoints is not, so it has its own chain.
+			target = internalChainName(f, portID)
+			fr.chains = append(fr.chains, &Chain{Name: target, Rules: []Rule{*mark, {Stmts: []Stmt{VerdictStmt{Goto(localChain)}}}}})
+		}
+		cl.Element = Element{Set: ipMap, Key: ipKey(vip), Verdict: Goto(target), Comment: comment}
+	default:
+		cl.Element = Element{Set: ipMap, Key: ipKey(vip), Verdict: Goto(clusterChain), Comment: comment}
+	}
+	fr.claims = append(fr.claims, cl)
+	if !externallyAccessible {
+		return
+	}
+
+	// External frontends: through the port's external chain, or refused.
+	extChain := externalChainName(f, portID)
+	externalFrontend := func(set string, k Key, group claimGroup, rank claimRank, kind string, noEpSet string) claim {
+		c := claim{group: group, rank: rank, frontend: kind}
+		switch {
+		case !hasEndpoints:
+			c.Element = Element{Set: noEpSet, Key: k, Verdict: reject, Comment: comment}
+		default:
+			c.Element = Element{Set: set, Key: k, Verdict: Goto(extChain), Comment: comment}
+			if externalLocal && !usesLocal {
+				// What the external chain does not send on (traffic from
+				// outside the cluster) is dropped by the filter check.
+				c.extra = append(c.extra, Element{Set: noEpSet, Key: k, Verdict: drop, Comment: comment})
+			}
+		}
+		return c
+	}
 	for _, ext := range external {
-		hasExternal = true
-		fr.claims = append(fr.claims, claim{
-			Element: Element{Set: ipMap, Key: Key{Addr: ext.addr, Proto: proto, Port: uint16(port.Port)}, Verdict: externalTarget, Comment: comment},
-			group:   ipGroup, rank: rankUserSupplied, frontend: ext.kind,
-		})
+		c := externalFrontend(ipMap, ipKey(ext.addr), ipGroup, rankUserSupplied, ext.kind, noEpMap)
+		if ext.kind == kindLoadBalancerIP && pol.filtered {
+			c.extra = append(c.extra, firewallElements(f, ipKey(ext.addr), pol.sourceRanges, s, comment)...)
+		}
+		fr.claims = append(fr.claims, c)
 	}
-	if port.NodePort > 0 && port.NodePort <= 65535 {
-		hasExternal = true
-		fr.claims = append(fr.claims, claim{
-			Element: Element{Set: nodePortMap, Key: Key{Proto: proto, Port: uint16(port.NodePort)}, Verdict: externalTarget, Comment: comment},
-			group:   nodePortGroup, rank: rankAllocated, frontend: "NodePort",
-		})
+	if nodePort != 0 {
+		fr.claims = append(fr.claims, externalFrontend(nodePortMap, Key{Proto: proto, Port: nodePort}, nodePortGroup, rankAllocated, "NodePort", noEpNodePortMap))
 	}
-	if hasExternal && len(eps) > 0 {
+	if !hasEndpoints {
+		return
+	}
+	var rules []Rule
+	if !externalLocal {
 		// Traffic that arrives on an external frontend is masqueraded so
 		// that replies come back through this node.
-		fr.chains = append(fr.chains, &Chain{Name: externalChainName(f, portID), Rules: []Rule{
+		rules = []Rule{
 			{Stmts: []Stmt{SetMarkBits{s.markBit}}, Comment: "external traffic"},
-			{Stmts: []Stmt{VerdictStmt{Goto(serviceChainName(f, portID))}}},
-		}})
+			{Stmts: []Stmt{VerdictStmt{Goto(clusterChain)}}},
+		}
+	} else {
+		// externalTrafficPolicy Local: traffic from outside goes to local
+		// endpoints with its source kept; pods and the node itself reach
+		// any endpoint, as through a load balancer outside.
+		if m := s.localMatch(f); m != nil {
+			rules = append(rules, Rule{Stmts: []Stmt{m, VerdictStmt{Goto(clusterChain)}}, Comment: "short-circuit pod traffic"})
+		}
+		rules = append(rules, Rule{Stmts: []Stmt{MatchFibSaddrLocal{}, SetMarkBits{s.markBit}, VerdictStmt{Goto(clusterChain)}}, Comment: "masquerade and short-circuit local traffic"})
+		if usesLocal {
+			rules = append(rules, Rule{Stmts: []Stmt{VerdictStmt{Goto(localChain)}}})
+		}
 	}
+	fr.chains = append(fr.chains, &Chain{Name: extChain, Rules: rules})
 }
 
-// addPortChains adds the service chain of a port: masquerade what comes
-// from outside the cluster, then DNAT to an endpoint drawn at random from
-// the port's run of the endpoint map. Endpoints also enter the hairpin
-// set, so a pod reaching itself through the Service is masqueraded.
-func (fr *fragment) addPortChains(f Family, portID, comment string, proto Protocol, eps []netip.AddrPort, s *settings, indexes indexSource) {
-	var rules []Rule
-	markRule := Rule{Comment: "ClusterIP traffic from outside the cluster"}
+// kindLoadBalancerIP names LoadBalancer frontends.
+const kindLoadBalancerIP = "LoadBalancer IP"
+
+// firewallElements are the firewall elements of one LoadBalancer
+// frontend: the frontend, and its allowed source ranges of the family,
+// none inside another (the kernel refuses overlapping ranges). When a
+// range holds one of the node's addresses, the LoadBalancer IP itself is
+// allowed too: a node reaching a VIP it holds locally comes from the VIP
+// (as kube-proxy does).
+func firewallElements(f Family, frontend Key, ranges []netip.Prefix, s *settings, comment string) []Element {
+	var mine []netip.Prefix
+	fromNode := false
+	for _, p := range ranges {
+		if familyOf(p.Addr()) != f {
+			continue
+		}
+		mine = append(mine, p)
+		fromNode = fromNode || slices.ContainsFunc(s.nodeAddrs[f], p.Contains)
+	}
+	if fromNode {
+		mine = append(mine, netip.PrefixFrom(frontend.Addr, frontend.Addr.BitLen()))
+	}
+	slices.SortFunc(mine, func(a, b netip.Prefix) int {
+		return cmp.Or(cmp.Compare(a.Bits(), b.Bits()), a.Addr().Compare(b.Addr()))
+	})
+	out := []Element{{Set: familySet(setFirewallIPs, f), Key: frontend, Comment: comment}}
+	var kept []netip.Prefix
+	for _, p := range mine {
+		if slices.ContainsFunc(kept, func(k netip.Prefix) bool { return k.Contains(p.Addr()) }) {
+			continue
+		}
+		kept = append(kept, p)
+		k := frontend
+		k.Source = p
+		out = append(out, Element{Set: familySet(setFirewallAllow, f), Key: k, Comment: comment})
+	}
+	return out
+}
+
+// markFromOutside is the rule of a cluster chain that marks ClusterIP
+// traffic from outside the cluster (or all, with masqueradeAll) for
+// masquerade; nil when no source counts as outside.
+func (fr *fragment) markFromOutside(f Family, s *settings) *Rule {
 	switch {
 	case s.masqAll:
-		markRule.Stmts = []Stmt{SetMarkBits{s.markBit}}
-		markRule.Comment = "masqueradeAll"
-	case s.localIfPrefix != "":
-		markRule.Stmts = []Stmt{MatchIifnamePrefix{Prefix: s.localIfPrefix, Negate: true}, SetMarkBits{s.markBit}}
-	case s.localCIDRs[f].IsValid():
-		markRule.Stmts = []Stmt{MatchAddr{Field: Saddr, Prefix: s.localCIDRs[f], Negate: true}, SetMarkBits{s.markBit}}
+		return &Rule{Stmts: []Stmt{SetMarkBits{s.markBit}}, Comment: "masqueradeAll"}
+	case s.localIfPrefix != "" || s.localCIDRs[f].IsValid():
+		return &Rule{Stmts: []Stmt{s.notLocalMatch(f), SetMarkBits{s.markBit}}, Comment: "ClusterIP traffic from outside the cluster"}
 	}
-	if markRule.Stmts != nil {
-		rules = append(rules, markRule)
+	return nil
+}
+
+// addEndpointChain adds a chain that DNATs to one of eps, drawn at random
+// from the chain's run of an endpoint map. Endpoints enter the hairpin
+// set, so a pod reaching itself through the Service is masqueraded.
+//
+// With session affinity, a cascade of rules comes first: rule i matches
+// with probability 1/(n-i) and records its endpoint for the client and
+// frontend in the chain's affinity map. The first to match decides, as
+// the kernel only refreshes an entry that exists, so each endpoint is
+// equally likely for a new client and a client with a live entry keeps
+// its endpoint; the rule after the cascade DNATs to what the map holds.
+// The agent deletes entries whose endpoint the port no longer has
+// (affinity.go). The numgen rule at the end serves clients the map has
+// no room for.
+func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Protocol, eps []endpoint, mark *Rule, indexes indexSource, pol policy, reachable map[netip.AddrPort]bool) {
+	var rules []Rule
+	if mark != nil {
+		rules = append(rules, *mark)
 	}
-	chain := serviceChainName(f, portID)
+	for _, ep := range eps {
+		reachable[ep.addr] = true
+		fr.claims = append(fr.claims, claim{
+			Element: Element{Set: familySet(setHairpin, f), Key: Key{Addr: ep.addr.Addr(), Addr2: ep.addr.Addr()}},
+			group:   groupHairpin.in(f), rank: rankAllocated,
+		})
+	}
+	if pol.affinity != 0 {
+		set := affinityMapName(f, chain)
+		for i, ep := range eps {
+			r := Rule{Stmts: []Stmt{MatchL4Proto{proto}}}
+			if n := uint32(len(eps) - i); n > 1 {
+				r.Stmts = append(r.Stmts, MatchRandom{Mod: n})
+			}
+			r.Stmts = append(r.Stmts, RecordAffinity{Family: f, Set: set, Target: ep.addr, Timeout: pol.affinity})
+			if i == 0 {
+				r.Comment = "session affinity: the first draw that matches is kept"
+			}
+			rules = append(rules, r)
+		}
+		rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATAffinity{Family: f, Set: set}}})
+	}
 	endpoints := endpointMapName(f, chain)
 	offset := indexes(endpoints, chain, len(eps))
 	for i, ep := range eps {
-		fr.owned = append(fr.owned, Element{Set: endpoints, Key: Key{Index: offset + uint32(i)}, Target: ep, Comment: comment})
-		fr.claims = append(fr.claims, claim{
-			Element: Element{Set: familySet(setHairpin, f), Key: Key{Addr: ep.Addr(), Addr2: ep.Addr()}},
-			group:   groupHairpin.in(f), rank: rankAllocated,
-		})
+		fr.owned = append(fr.owned, Element{Set: endpoints, Key: Key{Index: offset + uint32(i)}, Target: ep.addr, Comment: comment})
 	}
 	rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATRandom{Family: f, Count: uint32(len(eps)), Offset: offset, Map: endpoints}}})
 	fr.chains = append(fr.chains, &Chain{Name: chain, Rules: rules})

@@ -45,7 +45,20 @@ func writeSet(b *strings.Builder, s *Set, elements []Element) {
 	case DataEndpoint6:
 		kind, typ = "map", "typeof numgen random mod 1 : ip6 daddr . tcp dport"
 	}
+	if s.Key == KeyAffinity4 || s.Key == KeyAffinity6 {
+		ip := ipName(familyOfKey(s.Key))
+		typ = fmt.Sprintf("typeof %s saddr . %s daddr . meta l4proto . th dport : %s daddr . tcp dport", ip, ip, ip)
+	}
 	fmt.Fprintf(b, "\t%s %s {\n\t\t%s\n", kind, s.Name, typ)
+	switch {
+	case s.Flags&SetInterval != 0:
+		b.WriteString("\t\tflags interval\n")
+	case s.Flags&SetDynamic != 0:
+		if s.Size != 0 {
+			fmt.Fprintf(b, "\t\tsize %d\n", s.Size)
+		}
+		b.WriteString("\t\tflags dynamic,timeout\n")
+	}
 	if s.Comment != "" {
 		fmt.Fprintf(b, "\t\tcomment %q\n", s.Comment)
 	}
@@ -96,6 +109,14 @@ func keyTypeName(k KeyType) string {
 		return "ipv4_addr . ipv4_addr"
 	case KeyAddr6Pair:
 		return "ipv6_addr . ipv6_addr"
+	case KeyAffinity4:
+		return "ipv4_addr . ipv4_addr . inet_proto . inet_service"
+	case KeyAffinity6:
+		return "ipv6_addr . ipv6_addr . inet_proto . inet_service"
+	case KeyFirewall4:
+		return "ipv4_addr . inet_proto . inet_service . ipv4_addr"
+	case KeyFirewall6:
+		return "ipv6_addr . inet_proto . inet_service . ipv6_addr"
 	}
 	return "integer"
 }
@@ -110,6 +131,10 @@ func keyString(t KeyType, k Key) string {
 		return fmt.Sprintf("%s . %d", k.Proto, k.Port)
 	case KeyAddr4Pair, KeyAddr6Pair:
 		return fmt.Sprintf("%s . %s", k.Addr, k.Addr2)
+	case KeyAffinity4, KeyAffinity6:
+		return fmt.Sprintf("%s . %s . %s . %d", k.Addr, k.Addr2, k.Proto, k.Port)
+	case KeyFirewall4, KeyFirewall6:
+		return fmt.Sprintf("%s . %s . %d . %s", k.Addr, k.Proto, k.Port, prefixString(k.Source))
 	}
 	return fmt.Sprint(k.Index)
 }
@@ -186,15 +211,27 @@ func stmtString(s Stmt) string {
 	case MatchAddrPairSet:
 		return fmt.Sprintf("%s . %s @%s", addrFieldString(s.Family, Saddr), addrFieldString(s.Family, Daddr), s.Set)
 	case DNATRandom:
-		proto := "ip"
-		if s.Family == IPv6 {
-			proto = "ip6"
-		}
 		offset := ""
 		if s.Offset != 0 {
 			offset = fmt.Sprintf(" offset %d", s.Offset)
 		}
-		return fmt.Sprintf("dnat %s to numgen random mod %d%s map @%s", proto, s.Count, offset, s.Map)
+		return fmt.Sprintf("dnat %s to numgen random mod %d%s map @%s", ipName(s.Family), s.Count, offset, s.Map)
+	case RecordAffinity:
+		return fmt.Sprintf("update @%s { %s timeout %s : %s . %d }", s.Set, affinityKeyString(s.Family), durationString(s.Timeout), s.Target.Addr(), s.Target.Port())
+	case DNATAffinity:
+		return fmt.Sprintf("dnat %s to %s map @%s", ipName(s.Family), affinityKeyString(s.Family), s.Set)
+	case MatchRandom:
+		return fmt.Sprintf("numgen random mod %d 0", s.Mod)
+	case MatchFibSaddrLocal:
+		return "fib saddr type local"
+	case MatchFrontendSet:
+		return fmt.Sprintf("%s . meta l4proto . th dport @%s", addrFieldString(s.Family, Daddr), s.Set)
+	case MatchFirewallAllowed:
+		op := ""
+		if s.Negate {
+			op = "!= "
+		}
+		return fmt.Sprintf("%s . meta l4proto . th dport . %s %s@%s", addrFieldString(s.Family, Daddr), addrFieldString(s.Family, Saddr), op, s.Set)
 	case SetMarkBits:
 		return fmt.Sprintf("meta mark set meta mark | 0x%08x", s.Bits)
 	case ClearMarkBits:
@@ -210,6 +247,42 @@ func stmtString(s Stmt) string {
 		return s.Verdict.String()
 	}
 	return fmt.Sprintf("unknown statement %T", s)
+}
+
+func affinityKeyString(f Family) string {
+	return fmt.Sprintf("%s . %s . meta l4proto . th dport", addrFieldString(f, Saddr), addrFieldString(f, Daddr))
+}
+
+func familyOfKey(k KeyType) Family {
+	if k == KeyAffinity6 {
+		return IPv6
+	}
+	return IPv4
+}
+
+func ipName(f Family) string {
+	if f == IPv6 {
+		return "ip6"
+	}
+	return "ip"
+}
+
+// durationString prints seconds as nft prints timeouts: "3h", "1m30s".
+func durationString(secs uint32) string {
+	if secs == 0 {
+		return "0s"
+	}
+	var b strings.Builder
+	for _, u := range []struct {
+		n    uint32
+		name string
+	}{{86400, "d"}, {3600, "h"}, {60, "m"}, {1, "s"}} {
+		if secs >= u.n {
+			fmt.Fprintf(&b, "%d%s", secs/u.n, u.name)
+			secs %= u.n
+		}
+	}
+	return b.String()
 }
 
 func vmapKeyString(k KeyType) string {

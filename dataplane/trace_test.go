@@ -23,14 +23,20 @@ type packet struct {
 
 type outcome struct {
 	rejected   bool
+	dropped    bool
 	endpoints  []netip.AddrPort // every endpoint numgen may pick, sorted
 	masquerade bool             // for the first endpoint (hairpin aside, the same for all)
 	hairpin    map[netip.AddrPort]bool
+	// affinity is the set the draw records the client's choice in.
+	affinity string
 }
 
 func (o outcome) String() string {
 	if o.rejected {
 		return "rejected"
+	}
+	if o.dropped {
+		return "dropped"
 	}
 	if len(o.endpoints) == 0 {
 		return "not handled"
@@ -50,10 +56,13 @@ type tracer struct {
 	rs       *Ruleset
 	chains   map[string]*Chain
 	elements map[string][]Element
+	// affinity holds what the packet path put in the affinity maps:
+	// client . frontend to endpoint, as stick records it.
+	affinity map[string]map[Key]netip.AddrPort
 }
 
 func newTracer(rs *Ruleset) *tracer {
-	t := &tracer{rs: rs, chains: map[string]*Chain{}, elements: map[string][]Element{}}
+	t := &tracer{rs: rs, chains: map[string]*Chain{}, elements: map[string][]Element{}, affinity: map[string]map[Key]netip.AddrPort{}}
 	for _, c := range allChains(rs) {
 		t.chains[c.Name] = c
 	}
@@ -68,11 +77,33 @@ func newTracer(rs *Ruleset) *tracer {
 	return t
 }
 
+// affinityKey is the affinity map key of a packet: client and frontend.
+func affinityKeyOf(p packet) Key {
+	return Key{Addr: p.src, Addr2: p.dst, Proto: p.proto, Port: p.dport}
+}
+
+// stick records, as the kernel's dynset would, that p's client was sent
+// to ep by a draw that recorded into set.
+func (t *tracer) stick(set string, p packet, ep netip.AddrPort) {
+	if t.affinity[set] == nil {
+		t.affinity[set] = map[Key]netip.AddrPort{}
+	}
+	t.affinity[set][affinityKeyOf(p)] = ep
+}
+
 // state is what evaluation has done to the packet so far.
 type evalState struct {
 	mark     uint32
 	dnat     []netip.AddrPort
 	rejected bool
+	dropped  bool
+	affinity string
+	// candidates are the endpoints the affinity cascade may record for a
+	// client without an entry (the tracer follows every draw); stored is
+	// the entry of a client that has one.
+	candidates []netip.AddrPort
+	stored     netip.AddrPort
+	sticky     bool
 }
 
 // trace runs the hooks a new connection meets. Arriving: nat prerouting,
@@ -81,11 +112,13 @@ type evalState struct {
 // stays on the node). Then postrouting, for DNATed packets.
 func (t *tracer) trace(p packet) outcome {
 	var st evalState
+	first := chainFilterPrerouting
 	if p.local {
-		t.run(chainFilterOutput, p, &st)
-		if st.rejected {
-			return outcome{rejected: true}
-		}
+		first = chainFilterOutput
+	}
+	t.run(first, p, &st)
+	if st.rejected || st.dropped {
+		return outcome{rejected: st.rejected, dropped: st.dropped}
 	}
 	nat := chainNATPrerouting
 	if p.local {
@@ -96,7 +129,7 @@ func (t *tracer) trace(p packet) outcome {
 		switch {
 		case p.local:
 			t.run(chainFilterOutputPostDNAT, p, &st)
-			if !st.rejected && t.isNodeAddr(p.dst) {
+			if !st.rejected && !st.dropped && t.isNodeAddr(p.dst) {
 				t.run(chainFilterInput, p, &st)
 			}
 		case t.isNodeAddr(p.dst):
@@ -104,9 +137,9 @@ func (t *tracer) trace(p packet) outcome {
 		default:
 			t.run(chainFilterForward, p, &st)
 		}
-		return outcome{rejected: st.rejected}
+		return outcome{rejected: st.rejected, dropped: st.dropped}
 	}
-	out := outcome{endpoints: st.dnat, hairpin: map[netip.AddrPort]bool{}}
+	out := outcome{endpoints: st.dnat, hairpin: map[netip.AddrPort]bool{}, affinity: st.affinity}
 	for _, ep := range st.dnat {
 		q := p
 		q.dst, q.dport = ep.Addr(), ep.Port()
@@ -177,6 +210,44 @@ rules:
 				}) {
 					continue rules
 				}
+			case MatchFibSaddrLocal:
+				if !p.local {
+					continue rules
+				}
+			case MatchFrontendSet:
+				if familyOf(p.dst) != s.Family || !slices.ContainsFunc(t.elements[s.Set], func(e Element) bool {
+					return e.Key.Addr == p.dst && e.Key.Proto == p.proto && e.Key.Port == p.dport
+				}) {
+					continue rules
+				}
+			case MatchFirewallAllowed:
+				allowed := slices.ContainsFunc(t.elements[s.Set], func(e Element) bool {
+					return e.Key.Addr == p.dst && e.Key.Proto == p.proto && e.Key.Port == p.dport && e.Key.Source.Contains(p.src)
+				})
+				if familyOf(p.dst) != s.Family || allowed == s.Negate {
+					continue rules
+				}
+			case RecordAffinity:
+				st.affinity = s.Set
+				if ep, ok := t.affinity[s.Set][affinityKeyOf(p)]; ok {
+					st.stored, st.sticky = ep, true
+				} else if !slices.Contains(st.candidates, s.Target) {
+					st.candidates = append(st.candidates, s.Target)
+				}
+			case MatchRandom:
+				// Every branch of a cascade is possible: go on as if it
+				// matched, noting each rule's endpoint.
+			case DNATAffinity:
+				if familyOf(p.dst) != s.Family {
+					continue rules
+				}
+				if st.sticky {
+					st.dnat = append(st.dnat, st.stored)
+				} else {
+					st.dnat = append(st.dnat, st.candidates...)
+				}
+				slices.SortFunc(st.dnat, netip.AddrPort.Compare)
+				return true
 			case MatchIifnamePrefix:
 				if strings.HasPrefix(p.iifname, s.Prefix) == s.Negate {
 					continue rules
@@ -244,7 +315,7 @@ func (t *tracer) verdict(v Verdict, p packet, st *evalState, masq *bool) (termin
 	case VerdictReturn:
 		return false, false
 	case VerdictDrop:
-		st.rejected = true
+		st.dropped = true
 		return true, false
 	}
 	return true, false

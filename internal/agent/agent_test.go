@@ -106,6 +106,8 @@ type recordingDeleter struct {
 	flows []conntrack.Flow
 }
 
+func (d *recordingDeleter) DeleteStale(context.Context, []conntrack.Frontend) (int, error) { return 0, nil }
+
 func (d *recordingDeleter) Delete(_ context.Context, flows []conntrack.Flow) (int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -134,6 +136,8 @@ type testAgent struct {
 	applier *recordingApplier
 	node    string
 	config  string
+	// stop stops the agent (at the test's end if not before).
+	stop func()
 }
 
 // startAgent runs an agent for a node and a ProxyConfig of the test's own
@@ -163,12 +167,16 @@ func startAgent(t *testing.T, mutate ...func(*Options)) *testAgent {
 	ta.Agent = a
 	done := make(chan error, 1)
 	go func() { done <- a.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent: %v", err)
-		}
-	})
+	var once sync.Once
+	ta.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("agent: %v", err)
+			}
+		})
+	}
+	t.Cleanup(ta.stop)
 	return ta
 }
 

@@ -20,6 +20,7 @@ const conntrackTimeout = 10 * time.Second
 // FlowDeleter deletes conntrack entries; conntrack.Cleaner is the real one.
 type FlowDeleter interface {
 	Delete(ctx context.Context, flows []conntrack.Flow) (int, error)
+	DeleteStale(ctx context.Context, frontends []conntrack.Frontend) (int, error)
 }
 
 // conntrackCleanup deletes the UDP conntrack entries a write made stale
@@ -35,9 +36,22 @@ type conntrackCleanup struct {
 }
 
 func (c *conntrackCleanup) afterSync(ctx context.Context, r SyncResult) {
+	if !ptr.Deref(r.Snapshot.Config.UDPConntrackCleanup, true) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, conntrackTimeout)
+	defer cancel()
 	// The first write after a start has nothing to compare with: what
-	// changed while no agent ran is not known (see the README).
-	if r.Previous == nil || !ptr.Deref(r.Snapshot.Config.UDPConntrackCleanup, true) {
+	// changed while no agent ran is not known, so every UDP entry to a
+	// frontend is checked against the endpoints it has now, once.
+	if r.Previous == nil {
+		n, err := c.deleter.DeleteStale(ctx, udpFrontendsNow(r.Ruleset, r.Snapshot.NodeAddresses))
+		c.metrics.observeConntrack(n, err)
+		if err != nil {
+			c.log.Error(err, "UDP conntrack cleanup at start failed in part", "deleted", n)
+			return
+		}
+		c.log.V(1).Info("UDP conntrack cleanup at start", "deleted", n)
 		return
 	}
 	keys := r.Changed
@@ -51,8 +65,6 @@ func (c *conntrackCleanup) afterSync(ctx context.Context, r SyncResult) {
 	if len(flows) == 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, conntrackTimeout)
-	defer cancel()
 	n, err := c.deleter.Delete(ctx, flows)
 	c.metrics.observeConntrack(n, err)
 	if err != nil {
@@ -134,4 +146,29 @@ func (fe frontend) flowAddr() netip.AddrPort {
 		unspecified = netip.IPv6Unspecified()
 	}
 	return netip.AddrPortFrom(unspecified, fe.addr.Port())
+}
+
+// udpFrontendsNow lists every UDP frontend with endpoints in rs, NodePorts
+// on each of the node's addresses of their family.
+func udpFrontendsNow(rs *dataplane.Ruleset, nodeAddresses []netip.Addr) []conntrack.Frontend {
+	var out []conntrack.Frontend
+	for _, rules := range rs.Services {
+		for _, p := range rules.Ports {
+			if p.Proto != dataplane.UDP || len(p.Endpoints) == 0 {
+				continue
+			}
+			for _, fe := range p.Frontends {
+				out = append(out, conntrack.Frontend{Addr: fe, Endpoints: p.Endpoints})
+			}
+			if p.NodePort == 0 {
+				continue
+			}
+			for _, a := range nodeAddresses {
+				if (a.Is4() && p.Family == dataplane.IPv4) || (a.Is6() && !a.Is4In6() && p.Family == dataplane.IPv6) {
+					out = append(out, conntrack.Frontend{Addr: netip.AddrPortFrom(a, p.NodePort), Endpoints: p.Endpoints})
+				}
+			}
+		}
+	}
+	return out
 }

@@ -174,6 +174,51 @@ func TestAgentInKernel(t *testing.T) {
 
 	// Metrics moved.
 	after := scrape(t, metricsAddress)
+	defer func() { checkMetrics(t, before, after) }()
+
+	// The agent stops; the rules stay. An endpoint goes while no agent
+	// runs, and the next agent's first write moves its UDP client off it.
+	second := askOn(t, udp)
+	ta.stop()
+	if got, err := serversSeen(tp.Client, "10.0.0.50:80", 10); err != nil {
+		t.Fatalf("traffic stopped with the agent: %v", err)
+	} else if !slices.Equal(got, want) {
+		t.Errorf("servers %v after the agent stopped, want %v", got, want)
+	}
+	var last []*netnstest.Pod
+	for _, p := range keep {
+		if p.Name != second {
+			last = append(last, p)
+		}
+	}
+	if err := apiClient.Get(ctx, keyOf(slice), slice); err != nil {
+		t.Fatal(err)
+	}
+	setPods(slice, ta.node, last...)
+	if err := apiClient.Update(ctx, slice); err != nil {
+		t.Fatal(err)
+	}
+	startAgent(t, inKernel(tp, "0"), func(o *Options) { o.NodeName, o.ConfigName = ta.node, ta.config })
+	waitFor(t, 20*time.Second, "the restarted agent to serve only "+last[0].Name, func() error {
+		got, err := serversSeen(tp.Client, "10.0.0.50:80", 20)
+		if err != nil {
+			return err
+		}
+		if !slices.Equal(got, []string{last[0].Name}) {
+			return fmt.Errorf("servers %v", got)
+		}
+		return nil
+	})
+	waitFor(t, 10*time.Second, "the UDP client to leave "+second+", removed while no agent ran", func() error {
+		if got := askOn(t, udp); got == second {
+			return fmt.Errorf("still reaches %s", got)
+		}
+		return nil
+	})
+}
+
+func checkMetrics(t *testing.T, before, after map[string]float64) {
+	t.Helper()
 	for _, name := range []string{
 		"nftproxy_sync_proxy_rules_duration_seconds_count",
 		"nftproxy_sync_partial_proxy_rules_duration_seconds_count",

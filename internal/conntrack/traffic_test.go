@@ -245,3 +245,56 @@ func TestDeleteRealTraffic(t *testing.T) {
 		})
 	}
 }
+
+// TestDeleteStaleRealTraffic: what a starting agent cleans in one pass:
+// an entry to a removed endpoint and an un-NATed one go, entries to live
+// endpoints and to other frontends stay.
+func TestDeleteStaleRealTraffic(t *testing.T) {
+	tp := netnstest.NewTopology(t, 3)
+	for _, p := range tp.Pods {
+		p.ServeUDP(t, ":5353", p.Name)
+	}
+	pod := func(i int) netip.AddrPort { return at(tp.Pods[i].IPv4, 5353) }
+	front, front2, other := at(addr("10.96.0.10"), 53), at(addr("10.96.0.11"), 53), at(addr("10.96.0.12"), 53)
+	nat := newDNAT(t, tp.Node)
+	conn := dialCT(t, tp.Node)
+	cleaner, err := New(WithNetNS(tp.Node.Path()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = cleaner.Close() }()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	nat.set(t, map[netip.AddrPort]netip.AddrPort{front: pod(0), other: pod(0)})
+	stale := dialClient(t, tp.Client, front)
+	wantServer(t, stale, "pod0", "first endpoint")
+	otherClient := dialClient(t, tp.Client, other)
+	wantServer(t, otherClient, "pod0", "another frontend")
+	nat.set(t, map[netip.AddrPort]netip.AddrPort{front: pod(1), other: pod(0)})
+	live := dialClient(t, tp.Client, front)
+	wantServer(t, live, "pod1", "second endpoint")
+	early := dialClient(t, tp.Client, front2)
+	wantServer(t, early, "", "no endpoints yet")
+	liveEntry, _ := entryOf(t, conn, live)
+
+	// While "no agent ran", pod0 left front and front2 got pod2.
+	nat.set(t, map[netip.AddrPort]netip.AddrPort{front: pod(1), front2: pod(2), other: pod(0)})
+	n, err := cleaner.DeleteStale(ctx, []Frontend{
+		{Addr: front, Endpoints: []netip.AddrPort{pod(1)}},
+		{Addr: front2, Endpoints: []netip.AddrPort{pod(2)}},
+	})
+	if err != nil || n != 2 {
+		t.Fatalf("DeleteStale = %d, %v; want 2, nil", n, err)
+	}
+	wantServer(t, stale, "pod1", "the removed endpoint's client moved")
+	wantServer(t, early, "pod2", "the un-NATed client reaches the new endpoint")
+	if e, ok := entryOf(t, conn, live); !ok || e.ID != liveEntry.ID {
+		t.Errorf("entry to the live endpoint gone or replaced: %v, %v", e, ok)
+	}
+	wantServer(t, otherClient, "pod0", "a frontend not listed is left alone")
+
+	if _, err := cleaner.DeleteStale(ctx, []Frontend{{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), 53)}}); err == nil {
+		t.Error("DeleteStale took an unspecified frontend")
+	}
+}

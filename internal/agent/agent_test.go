@@ -106,7 +106,9 @@ type recordingDeleter struct {
 	flows []conntrack.Flow
 }
 
-func (d *recordingDeleter) DeleteStale(context.Context, []conntrack.Frontend) (int, error) { return 0, nil }
+func (d *recordingDeleter) DeleteStale(context.Context, []conntrack.Frontend) (int, error) {
+	return 0, nil
+}
 
 func (d *recordingDeleter) Delete(_ context.Context, flows []conntrack.Flow) (int, error) {
 	d.mu.Lock()

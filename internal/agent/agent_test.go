@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"slices"
@@ -441,7 +443,18 @@ func TestBurstsCoalesce(t *testing.T) {
 // /healthz until a write succeeds.
 func TestFailedWritesRetryWithFullResync(t *testing.T) {
 	ns := createNamespace(t)
-	ta := startAgent(t)
+	probes := freeLoopbackAddress(t)
+	ta := startAgent(t, func(o *Options) { o.HealthProbeAddress = probes })
+	probe := func(path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + probes + path + "?verbose")
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer func() { _ = resp.Body.Close() }()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
 	pc := &proxyv1alpha1.ProxyConfig{ObjectMeta: metav1.ObjectMeta{Name: ta.config},
 		Spec: proxyv1alpha1.ProxyConfigSpec{
 			SyncInterval:    &metav1.Duration{Duration: time.Second},
@@ -451,6 +464,14 @@ func TestFailedWritesRetryWithFullResync(t *testing.T) {
 	waitFor(t, 10*time.Second, "config applied", func() error {
 		if ta.Syncer.Status().ConfigGeneration != 1 {
 			return errors.New("not yet")
+		}
+		return nil
+	})
+	waitFor(t, 10*time.Second, "/readyz and /healthz passing", func() error {
+		for _, path := range []string{"/readyz", "/healthz"} {
+			if code, body := probe(path); code != http.StatusOK {
+				return fmt.Errorf("%s: %d %s", path, code, body)
+			}
 		}
 		return nil
 	})
@@ -469,6 +490,9 @@ func TestFailedWritesRetryWithFullResync(t *testing.T) {
 	if err := ta.Syncer.Healthy(time.Now()); !strings.Contains(err.Error(), "injected failure") {
 		t.Errorf("health error %q does not name the last failure", err)
 	}
+	if code, body := probe("/healthz"); code != http.StatusInternalServerError || !strings.Contains(body, "rules-fresh") {
+		t.Errorf("/healthz with stale rules: %d %s", code, body)
+	}
 
 	ta.applier.failNext(0, nil)
 	ta.lastWith(t, "the Service after writes work again", func(rs *dataplane.Ruleset) error {
@@ -482,6 +506,9 @@ func TestFailedWritesRetryWithFullResync(t *testing.T) {
 	}
 	if err := ta.Syncer.Healthy(time.Now()); err != nil {
 		t.Errorf("unhealthy after a successful write: %v", err)
+	}
+	if code, body := probe("/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz after a successful write: %d %s", code, body)
 	}
 }
 

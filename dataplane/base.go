@@ -21,8 +21,9 @@ const (
 )
 
 // affinityMapSize caps the entries (client and frontend pairs) of each
-// affinity map. A full map only costs new clients their
-// stickiness: the service chain's last rule draws an endpoint for them.
+// affinity map. A full map only costs new clients their stickiness: the
+// update after DNAT fails for them, and each of their connections draws
+// an endpoint anew.
 const affinityMapSize = 1 << 20
 
 // settings is what the whole table depends on beyond single Services: the

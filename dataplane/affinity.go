@@ -14,16 +14,20 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// Session affinity lives in dynamic maps the packet path fills (a few
-// shards per family): (client, frontend) to endpoint. nft 1.0.6 can neither parse
-// nor print a rule that compares a map's value or looks up a key holding
-// constants, so the packet path cannot tell a stale entry (its endpoint
-// is gone) from a live one. The agent removes stale entries instead:
-// after a change to a Service with affinity is committed (from then on
-// no rule records the removed endpoint), it reads the map and deletes the
+// Session affinity lives in dynamic maps (16 shards per family, picked
+// by Service port): (client, frontend) to endpoint. The packet path fills
+// them after DNAT, from conntrack (affinity-record in base.go), and a
+// Service chain DNATs a client that has an entry to its endpoint. nft
+// 1.0.6 can neither parse nor print a rule that compares a map's value or
+// looks up a key holding constants, so the packet path cannot tell a
+// stale entry (its endpoint is gone) from a live one. The agent removes
+// stale entries instead: after a change to a Service with affinity is
+// committed (from then on no rule sends a new client to the removed
+// endpoint), it reads the maps that Service's chains use and deletes the
 // entries whose frontend belongs to a changed Service and whose endpoint
-// that frontend's port no longer reaches. A Replace needs none of this:
-// it recreates the maps empty.
+// that frontend's port no longer reaches. A Replace keeps the maps'
+// entries (clients stay across an agent restart), then deletes every entry
+// the new ruleset does not send its frontend to (fullAffinityCheck).
 
 // affinityEntry is one element of an affinity map as the kernel holds it.
 type affinityEntry struct {

@@ -21,8 +21,9 @@ const (
 )
 
 // affinityMapSize caps the entries (client and frontend pairs) of each
-// affinity map. A full map only costs new clients their
-// stickiness: the service chain's last rule draws an endpoint for them.
+// affinity map. A full map only costs new clients their stickiness: the
+// update after DNAT fails for them, and each of their connections draws
+// an endpoint anew.
 const affinityMapSize = 1 << 20
 
 // settings is what the whole table depends on beyond single Services: the
@@ -169,7 +170,7 @@ func (s *settings) externalIPAllowed(a netip.Addr) bool {
 // of those maps and sets.
 func buildBase(s *settings) *Base {
 	b := &Base{}
-	var services, svcCheck, nodePortCheck, clusterIPsCheck, firewallCheck, hairpin []Rule
+	var services, svcCheck, nodePortCheck, clusterIPsCheck, firewallCheck, hairpin, affinityRecord []Rule
 	for _, f := range Families {
 		addrKey, addrProtoPortKey, pairKey, endpointData := KeyAddr4, KeyAddr4ProtoPort, KeyAddr4Pair, DataEndpoint4
 		affinityKey, firewallKey := KeyAffinity4, KeyFirewall4
@@ -192,6 +193,10 @@ func buildBase(s *settings) *Base {
 			&Set{Name: familySet(setFirewallIPs, f), Key: addrProtoPortKey, Comment: "LoadBalancer frontends with loadBalancerSourceRanges"},
 			&Set{Name: familySet(setFirewallAllow, f), Key: firewallKey, Flags: SetInterval, Comment: "sources each of those frontends admits"},
 		)
+		b.Sets = append(b.Sets,
+			&Set{Name: familySet(setAffinityFrontends, f), Key: addrProtoPortKey, Data: DataVerdict, Comment: "frontends with session affinity: where their new connections are recorded"},
+			&Set{Name: familySet(setAffinityNodePorts, f), Key: KeyProtoPort, Data: DataVerdict, Comment: "NodePorts with session affinity: where their new connections are recorded"},
+		)
 		for shard := range uint32(affinityMapShards) {
 			b.Sets = append(b.Sets, &Set{Name: affinityShardName(f, shard), Key: affinityKey, Data: endpointData, Flags: SetDynamic,
 				Size: affinityMapSize, Comment: "session affinity: client . frontend to endpoint, refreshed by each new connection"})
@@ -213,6 +218,16 @@ func buildBase(s *settings) *Base {
 			MatchFirewallAllowed{Family: f, Set: familySet(setFirewallAllow, f), Negate: true},
 			VerdictStmt{Verdict{Kind: VerdictDrop}},
 		}, Comment: "loadBalancerSourceRanges"})
+		// nft needs the protocol matched to know the ports' size, so one
+		// rule per protocol; a frontend's element goes to its map's update
+		// chain (the first that matches: a goto).
+		for _, proto := range []Protocol{TCP, UDP, SCTP} {
+			affinityRecord = append(affinityRecord,
+				Rule{Stmts: []Stmt{MatchL4Proto{proto}, CtFrontendVmap{Family: f, Key: addrProtoPortKey, Map: familySet(setAffinityFrontends, f)}}},
+				Rule{Stmts: []Stmt{MatchL4Proto{proto}, MatchCtOriginalDaddrSet{Family: f, Set: familySet(setNodePortIPs, f)},
+					CtFrontendVmap{Family: f, Key: KeyProtoPort, Map: familySet(setAffinityNodePorts, f)}}},
+			)
+		}
 		clusterIPsCheck = append(clusterIPsCheck, Rule{Stmts: []Stmt{
 			MatchAddrSet{Field: Daddr, Family: f, Set: familySet(setClusterIPs, f)},
 			VerdictStmt{Goto(chainRejectPacket)},
@@ -223,6 +238,11 @@ func buildBase(s *settings) *Base {
 		return Rule{Stmts: []Stmt{MatchCtStateNew{}, VerdictStmt{Jump(chain)}}}
 	}
 	jump := func(chain string) Rule { return Rule{Stmts: []Stmt{VerdictStmt{Jump(chain)}}} }
+	// Session affinity is recorded after DNAT, when the connection's
+	// conntrack entry holds both the frontend and the endpoint: where a
+	// new connection leaves the nat hooks (forward or input for arriving
+	// packets, output after DNAT for the node's own).
+	recordAffinity := Rule{Stmts: []Stmt{MatchCtStateNew{}, MatchCtStatusDNAT{}, VerdictStmt{Jump(chainAffinityRecord)}}}
 	b.Chains = []*Chain{
 		{Name: chainNATPrerouting, Hook: &Hook{ChainNAT, HookPrerouting, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
 		{Name: chainNATOutput, Hook: &Hook{ChainNAT, HookOutput, priorityDstNAT}, Rules: []Rule{jump(chainServices)}},
@@ -230,13 +250,13 @@ func buildBase(s *settings) *Base {
 		{Name: chainFilterPrerouting, Hook: &Hook{ChainFilter, HookPrerouting, priorityFilterPre}, Rules: []Rule{
 			newOnly(chainFirewallCheck)}},
 		{Name: chainFilterInput, Hook: &Hook{ChainFilter, HookInput, priorityFilterPre}, Rules: []Rule{
-			newOnly(chainNodePortEndpointsCheck), newOnly(chainServiceEndpointsCheck)}},
+			newOnly(chainNodePortEndpointsCheck), newOnly(chainServiceEndpointsCheck), recordAffinity}},
 		{Name: chainFilterForward, Hook: &Hook{ChainFilter, HookForward, priorityFilterPre}, Rules: []Rule{
-			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck)}},
+			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck), recordAffinity}},
 		{Name: chainFilterOutput, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPre}, Rules: []Rule{
 			newOnly(chainFirewallCheck)}},
 		{Name: chainFilterOutputPostDNAT, Hook: &Hook{ChainFilter, HookOutput, priorityFilterPost}, Rules: []Rule{
-			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck)}},
+			newOnly(chainServiceEndpointsCheck), newOnly(chainClusterIPsCheck), recordAffinity}},
 		{Name: chainServices, Rules: services},
 		{Name: chainServiceEndpointsCheck, Rules: svcCheck},
 		{Name: chainNodePortEndpointsCheck, Rules: nodePortCheck},
@@ -247,10 +267,22 @@ func buildBase(s *settings) *Base {
 			Rule{Stmts: []Stmt{ClearMarkBits{s.markBit}}},
 			Rule{Stmts: []Stmt{Masquerade{}}},
 		)},
+		{Name: chainAffinityRecord, Rules: affinityRecord},
 		{Name: chainRejectPacket, Rules: []Rule{
 			{Stmts: []Stmt{MatchL4Proto{TCP}, Reject{TCPReset: true}}},
 			{Stmts: []Stmt{Reject{}}},
 		}},
 	}
 	return b
+}
+
+// affinityUpdateChain is the shared chain that records a new connection
+// in an affinity map with a timeout, one rule per protocol (nft needs the
+// protocol to know the ports' size).
+func affinityUpdateChain(u affinityUpdate) *Chain {
+	c := &Chain{Name: u.chain()}
+	for _, proto := range []Protocol{TCP, UDP, SCTP} {
+		c.Rules = append(c.Rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, RecordAffinity{Family: u.family, Set: u.set, Timeout: u.timeout}}})
+	}
+	return c
 }

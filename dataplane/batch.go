@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 )
@@ -232,7 +231,7 @@ func (b *batch) addRules(c *Chain) {
 				b.err = fmt.Errorf("chain %s: %w", c.Name, err)
 			}
 			for _, e := range exprs {
-				data, err := expr.Marshal(unix.NFPROTO_INET, e)
+				data, err := marshalExpr(e)
 				if err != nil && b.err == nil {
 					b.err = fmt.Errorf("chain %s: %w", c.Name, err)
 				}

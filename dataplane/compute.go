@@ -33,6 +33,11 @@ type Computer struct {
 	indexes map[string]*indexAllocator
 	// last is the generation of the last Ruleset computed.
 	last uint64
+	// updates counts the fragments that use each shared affinity update
+	// chain; shared is the list of those chains, rebuilt when one comes
+	// or goes.
+	updates map[affinityUpdate]int
+	shared  []*Chain
 }
 
 type memo struct {
@@ -94,6 +99,8 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 		c.claims = map[claimKey][]claimant{}
 		c.rules = map[types.NamespacedName]*ServiceRules{}
 		c.indexes = map[string]*indexAllocator{}
+		c.updates = map[affinityUpdate]int{}
+		c.shared = nil
 		c.last = 0
 		scanAll = true
 	}
@@ -137,20 +144,29 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 	removed = slices.Compact(removed)
 
 	dirty := map[types.NamespacedName]bool{}
+	sharedChanged := false
 	for _, key := range removed {
 		m := c.memo[key]
 		for _, r := range m.runs {
 			c.allocator(r.set).release(r)
 		}
 		c.unclaim(key, m.frag, dirty)
+		sharedChanged = c.countUpdates(m.frag, -1) || sharedChanged
 		delete(c.memo, key)
 		dirty[key] = true
 	}
 	for _, key := range changed {
-		c.update(key, snap.Services[key], dirty)
+		sharedChanged = c.update(key, snap.Services[key], dirty) || sharedChanged
+	}
+	if sharedChanged {
+		c.shared = make([]*Chain, 0, len(c.updates))
+		for u := range c.updates {
+			c.shared = append(c.shared, affinityUpdateChain(u))
+		}
+		slices.SortFunc(c.shared, func(a, b *Chain) int { return cmp.Compare(a.Name, b.Name) })
 	}
 
-	rs := &Ruleset{Base: c.base, generation: generations.Add(1)}
+	rs := &Ruleset{Base: c.base, Shared: c.shared, generation: generations.Add(1)}
 	if c.last != 0 {
 		rs.derivedFrom = c.last
 		rs.changed = slices.Collect(maps.Keys(dirty))
@@ -174,9 +190,25 @@ func (c *Computer) compute(snap *Snapshot, candidates []types.NamespacedName, sc
 // generations numbers Rulesets across all Computers.
 var generations atomic.Uint64
 
+// countUpdates adds delta to the uses of each shared chain fr needs and
+// reports whether a chain came or went.
+func (c *Computer) countUpdates(fr *fragment, delta int) bool {
+	changed := false
+	for _, u := range fr.updates {
+		n := c.updates[u] + delta
+		if n == 0 {
+			delete(c.updates, u)
+		} else {
+			c.updates[u] = n
+		}
+		changed = changed || n == 0 || n == delta
+	}
+	return changed
+}
+
 // update computes one Service again, keeping the index runs its chains
-// still fit in.
-func (c *Computer) update(key types.NamespacedName, st ServiceState, dirty map[types.NamespacedName]bool) {
+// still fit in; it reports whether a shared chain came or went.
+func (c *Computer) update(key types.NamespacedName, st ServiceState, dirty map[types.NamespacedName]bool) bool {
 	old := c.memo[key]
 	m := newMemo(st)
 	m.frag = computeService(key, st, c.settings, func(endpointMap, chain string, n int) uint32 {
@@ -187,6 +219,7 @@ func (c *Computer) update(key types.NamespacedName, st ServiceState, dirty map[t
 		m.runs[chain] = r
 		return r.offset
 	})
+	changed := c.countUpdates(m.frag, 1)
 	if old != nil {
 		for chain, r := range old.runs {
 			if m.runs[chain] != r {
@@ -194,10 +227,12 @@ func (c *Computer) update(key types.NamespacedName, st ServiceState, dirty map[t
 			}
 		}
 		c.unclaim(key, old.frag, dirty)
+		changed = c.countUpdates(old.frag, -1) || changed
 	}
 	c.claim(key, m.frag, dirty)
 	c.memo[key] = m
 	dirty[key] = true
+	return changed
 }
 
 func (c *Computer) allocator(endpointMap string) *indexAllocator {

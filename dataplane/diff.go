@@ -75,7 +75,7 @@ func writeContents(b *batch, rs *Ruleset) {
 }
 
 func allChains(rs *Ruleset) []*Chain {
-	chains := slices.Clone(rs.Base.Chains)
+	chains := append(slices.Clone(rs.Base.Chains), rs.Shared...)
 	for _, key := range rs.ServiceKeys() {
 		chains = append(chains, rs.Services[key].Chains...)
 	}
@@ -106,6 +106,8 @@ func diff(old, cur *Ruleset) (*changes, bool) {
 			c.elements(old.Base.Sets[i].Elements, s.Elements)
 		}
 	}
+	// A handful of chains, shared by pointer while none comes or goes.
+	c.chains(old.Shared, cur.Shared)
 	if cur.derivedFrom != 0 && cur.derivedFrom == old.generation {
 		// Only the Services the Computer says changed can differ.
 		for _, key := range cur.changed {

@@ -1,11 +1,13 @@
 package dataplane
 
 import (
+	"encoding/binary"
 	"fmt"
 	"time"
 
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -82,10 +84,75 @@ func verdictExpr(v Verdict) *expr.Verdict {
 // stmtExprs encodes one statement as the expressions nft itself would
 // generate for it, so that `nft list` prints our rules back as the text
 // in text.go.
-func stmtExprs(s Stmt) ([]expr.Any, error) {
+// Each element is an expr.Any or a ctLoad.
+func stmtExprs(s Stmt) ([]any, error) {
+	if out, ok := ctStmtExprs(s); ok {
+		return out, nil
+	}
+	exprs, err := nftExprs(s)
+	out := make([]any, len(exprs))
+	for i, e := range exprs {
+		out[i] = e
+	}
+	return out, err
+}
+
+// ctStmtExprs encodes the statements that read the conntrack entry's
+// tuples, which need ct loads with a direction.
+func ctStmtExprs(s Stmt) ([]any, bool) {
+	switch s := s.(type) {
+	case RecordAffinity:
+		// The key fills the registers from reg1, the endpoint follows it:
+		// ct's original tuple (client, frontend) and reply source (the
+		// endpoint, as DNAT made it).
+		n := addrLen(s.Family) / 4
+		saddr, daddr := ctKeySrcIP, ctKeyDstIP
+		if s.Family == IPv6 {
+			saddr, daddr = ctKeySrcIP6, ctKeyDstIP6
+		}
+		daddrReg := reg32First + n
+		protoReg := daddrReg + n
+		data := protoReg + 2
+		return []any{
+			ctLoad{key: saddr, dir: ctOriginal, reg: reg1},
+			ctLoad{key: daddr, dir: ctOriginal, reg: daddrReg},
+			&expr.Ct{Key: expr.CtKeyPROTOCOL, Register: protoReg},
+			ctLoad{key: unix.NFT_CT_PROTO_DST, dir: ctOriginal, reg: protoReg + 1},
+			ctLoad{key: saddr, dir: ctReply, reg: data},
+			ctLoad{key: unix.NFT_CT_PROTO_SRC, dir: ctReply, reg: data + n},
+			&expr.Dynset{SrcRegKey: reg1, SrcRegData: data, SetName: s.Set, Operation: unix.NFT_DYNSET_OP_UPDATE,
+				Timeout: time.Duration(s.Timeout) * time.Second},
+		}, true
+	case MatchCtOriginalDaddrSet:
+		return []any{ctLoad{key: ctDaddrKey(s.Family), dir: ctOriginal, reg: reg1},
+			&expr.Lookup{SourceRegister: reg1, SetName: s.Set}}, true
+	case CtFrontendVmap:
+		// As loadProtoPort, from the original tuple; after the frontend's
+		// address for a key that has one.
+		var out []any
+		protoReg := uint32(reg32First)
+		if s.Key != KeyProtoPort {
+			out = append(out, ctLoad{key: ctDaddrKey(s.Family), dir: ctOriginal, reg: reg1})
+			protoReg += addrLen(s.Family) / 4
+		}
+		portReg := protoReg + 1
+		if protoReg == reg32First {
+			protoReg = reg1 // as nft numbers it
+		}
+		return append(out,
+			&expr.Ct{Key: expr.CtKeyPROTOCOL, Register: protoReg},
+			ctLoad{key: unix.NFT_CT_PROTO_DST, dir: ctOriginal, reg: portReg},
+			&expr.Lookup{SourceRegister: reg1, DestRegister: regVerdict, IsDestRegSet: true, SetName: s.Map}), true
+	}
+	return nil, false
+}
+
+func nftExprs(s Stmt) ([]expr.Any, error) {
 	switch s := s.(type) {
 	case MatchCtStateNew:
 		return testBits(&expr.Ct{Key: expr.CtKeySTATE, Register: reg1}, expr.CtStateBitNEW, expr.CmpOpNeq), nil
+	case MatchCtStatusDNAT:
+		return testBits(&expr.Ct{Key: expr.CtKeySTATUS, Register: reg1}, ipsDstNAT, expr.CmpOpNeq), nil
 	case MatchAddr:
 		f := familyOf(s.Prefix.Addr())
 		out := matchFamily(f)
@@ -165,26 +232,12 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 			loadAddr(s.Family, Saddr, next+2),
 			&expr.Lookup{SourceRegister: reg1, SetName: s.Set, Invert: s.Negate})
 		return out, nil
-	case RecordAffinity:
-		// The key fills the registers from reg1; the endpoint follows it.
-		key, next := affinityKey(s.Family)
-		port := s.Target.Port()
-		return append(key,
-			&expr.Immediate{Register: next, Data: s.Target.Addr().AsSlice()},
-			&expr.Immediate{Register: next + addrLen(s.Family)/4, Data: []byte{byte(port >> 8), byte(port)}},
-			&expr.Dynset{SrcRegKey: reg1, SrcRegData: next, SetName: s.Set, Operation: unix.NFT_DYNSET_OP_UPDATE,
-				Timeout: time.Duration(s.Timeout) * time.Second}), nil
 	case DNATAffinity:
 		key, _ := affinityKey(s.Family)
 		return append(key,
 			&expr.Lookup{SourceRegister: reg1, DestRegister: reg1, IsDestRegSet: true, SetName: s.Set},
 			&expr.NAT{Type: expr.NATTypeDestNAT, Family: uint32(nfproto(s.Family)), RegAddrMin: reg1,
 				RegProtoMin: reg32First + addrLen(s.Family)/4}), nil
-	case MatchRandom:
-		return []expr.Any{
-			&expr.Numgen{Register: reg1, Modulus: s.Mod, Type: unix.NFT_NG_RANDOM},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: make([]byte, 4)},
-		}, nil
 	case DNATRandom:
 		// The map's value is address then port, so the port lands in the
 		// 32-bit register after the address.
@@ -209,6 +262,58 @@ func stmtExprs(s Stmt) ([]expr.Any, error) {
 		return []expr.Any{verdictExpr(s.Verdict)}, nil
 	}
 	return nil, fmt.Errorf("unknown statement %T", s)
+}
+
+// Conntrack keys and directions google/nftables does not encode as nft
+// does: its Ct sends a direction only for the generic address keys, as a
+// 32-bit value where the kernel reads one byte.
+const (
+	ctKeySrcIP  uint32 = unix.NFT_CT_SRC_IP
+	ctKeyDstIP  uint32 = unix.NFT_CT_DST_IP
+	ctKeySrcIP6 uint32 = unix.NFT_CT_SRC_IP6
+	ctKeyDstIP6 uint32 = unix.NFT_CT_DST_IP6
+	ctOriginal  uint32 = 0 // IP_CT_DIR_ORIGINAL
+	ctReply     uint32 = 1 // IP_CT_DIR_REPLY
+	// ipsDstNAT is IPS_DST_NAT of the ct status bits.
+	ipsDstNAT = 1 << 5
+)
+
+func ctDaddrKey(f Family) uint32 {
+	if f == IPv6 {
+		return ctKeyDstIP6
+	}
+	return ctKeyDstIP
+}
+
+// ctLoad loads a field of one direction of the packet's conntrack entry
+// into a register, encoded as libnftnl does.
+type ctLoad struct{ key, dir, reg uint32 }
+
+func (c ctLoad) marshal() ([]byte, error) {
+	ae := netlink.NewAttributeEncoder()
+	ae.ByteOrder = binary.BigEndian
+	ae.Uint32(unix.NFTA_CT_KEY, c.key)
+	ae.Uint32(unix.NFTA_CT_DREG, c.reg)
+	ae.Uint8(unix.NFTA_CT_DIRECTION, uint8(c.dir))
+	data, err := ae.Encode()
+	if err != nil {
+		return nil, err
+	}
+	return netlink.MarshalAttributes([]netlink.Attribute{
+		{Type: unix.NFTA_EXPR_NAME, Data: []byte("ct\x00")},
+		{Type: unix.NLA_F_NESTED | unix.NFTA_EXPR_DATA, Data: data},
+	})
+}
+
+// marshalExpr encodes one element of stmtExprs' result.
+func marshalExpr(e any) ([]byte, error) {
+	switch e := e.(type) {
+	case ctLoad:
+		return e.marshal()
+	case expr.Any:
+		return expr.Marshal(unix.NFPROTO_INET, e)
+	}
+	return nil, fmt.Errorf("unknown expression %T", e)
 }
 
 // affinityKey loads the key of the affinity maps into consecutive

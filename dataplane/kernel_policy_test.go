@@ -107,6 +107,28 @@ func TestKernelSessionAffinity(t *testing.T) {
 		}
 	})
 
+	t.Run("the node itself, a NodePort and a hairpin client stick too", func(t *testing.T) {
+		stuck(tp.Node, "10.96.0.30:80")
+		stuck(tp.Node, "[fd00:96::30]:80")
+		rs = c.Compute(replaced(base, stickyState(tp, []int{0, 1, 2}, withAffinity(3), withNodePorts(30030))))
+		apply(t, k, rs)
+		stuck(tp.Client, "192.168.0.1:30030")
+		stuck(tp.Client, "[fd00:1::1]:30030")
+		stuck(tp.Pods[3].NS, "10.1.0.1:30030")
+		// Pod 0, the only endpoint, reaches itself (masqueraded in
+		// postrouting, after the record); with the others back, it stays.
+		rs = c.Compute(replaced(base, stickyState(tp, []int{0}, withAffinity(3))))
+		apply(t, k, rs)
+		if s := stuck(tp.Pods[0].NS, "10.96.0.30:80"); s != tp.Pods[0].Name {
+			t.Fatalf("pod 0 reached %s, its Service's only endpoint being itself", s)
+		}
+		rs = c.Compute(replaced(base, stickyState(tp, []int{0, 1, 2}, withAffinity(3))))
+		apply(t, k, rs)
+		if s := stuck(tp.Pods[0].NS, "10.96.0.30:80"); s != tp.Pods[0].Name {
+			t.Errorf("the hairpin client moved to %s", s)
+		}
+	})
+
 	t.Run("a removed endpoint's entries no longer pull traffic", func(t *testing.T) {
 		server := stuck(tp.Client, "10.96.0.30:80")
 		var rest []int

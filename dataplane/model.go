@@ -66,6 +66,10 @@ func (p Protocol) String() string {
 type Ruleset struct {
 	Base     *Base
 	Services map[types.NamespacedName]*ServiceRules
+	// Shared are chains that exist while some Service needs them: one per
+	// affinity map and timeout in use, which records the endpoint of each
+	// new connection to a frontend with that timeout (sorted by name).
+	Shared []*Chain
 
 	// generation identifies this Ruleset; a Computer's result also names
 	// the generation it was derived from and the Services that differ, so
@@ -352,14 +356,17 @@ type MatchFirewallAllowed struct {
 	Negate bool
 }
 
-// RecordAffinity remembers Target as the client's endpoint for the
-// packet's frontend in the family's affinity map, to expire Timeout
-// seconds from now. A client that already has an entry keeps its
-// endpoint: the kernel only refreshes the entry's timeout.
+// RecordAffinity records, after DNAT, the endpoint a new connection was
+// sent to as its client's endpoint for its frontend, all read from the
+// connection's conntrack entry: client, frontend, l4 protocol and
+// frontend port from the original direction, the endpoint (address and
+// port) from the reply direction. The entry expires Timeout seconds from
+// now; an entry that exists keeps its endpoint (the kernel only refreshes
+// its timeout). A rule holding it must match the l4 protocol first: nft
+// needs it to know the size of the ports.
 type RecordAffinity struct {
 	Family  Family
 	Set     string
-	Target  netip.AddrPort
 	Timeout uint32
 }
 
@@ -370,8 +377,27 @@ type DNATAffinity struct {
 	Set    string
 }
 
-// MatchRandom matches with probability 1/Mod (numgen random mod Mod == 0).
-type MatchRandom struct{ Mod uint32 }
+// MatchCtStatusDNAT matches packets of connections whose destination was
+// NATed (ct status dnat): after the nat hook, the DNATed ones.
+type MatchCtStatusDNAT struct{}
+
+// MatchCtOriginalDaddrSet matches the original destination address of the
+// packet's connection (before DNAT) against a named set of addresses.
+type MatchCtOriginalDaddrSet struct {
+	Family Family
+	Set    string
+}
+
+// CtFrontendVmap looks the original frontend of the packet's connection
+// up in a named verdict map: ct original daddr, ct protocol and ct
+// original proto-dst for Key KeyAddr{4,6}ProtoPort, the last two for
+// KeyProtoPort (a NodePort). Like RecordAffinity, it needs the l4
+// protocol matched first in its rule. A miss continues with the next rule.
+type CtFrontendVmap struct {
+	Family Family
+	Key    KeyType
+	Map    string
+}
 
 // MatchAddrPairSet matches (source address, destination address) against
 // a named set of pairs.
@@ -409,23 +435,25 @@ type Reject struct{ TCPReset bool }
 // VerdictStmt ends the rule with a verdict.
 type VerdictStmt struct{ Verdict Verdict }
 
-func (MatchCtStateNew) isStmt()      {}
-func (MatchAddr) isStmt()            {}
-func (MatchAddrSet) isStmt()         {}
-func (MatchIifnamePrefix) isStmt()   {}
-func (MatchL4Proto) isStmt()         {}
-func (MatchMarkUnset) isStmt()       {}
-func (VmapLookup) isStmt()           {}
-func (MatchAddrPairSet) isStmt()     {}
-func (MatchFibSaddrLocal) isStmt()   {}
-func (MatchFrontendSet) isStmt()     {}
-func (MatchFirewallAllowed) isStmt() {}
-func (RecordAffinity) isStmt()       {}
-func (DNATAffinity) isStmt()         {}
-func (MatchRandom) isStmt()          {}
-func (DNATRandom) isStmt()           {}
-func (SetMarkBits) isStmt()          {}
-func (ClearMarkBits) isStmt()        {}
-func (Masquerade) isStmt()           {}
-func (Reject) isStmt()               {}
-func (VerdictStmt) isStmt()          {}
+func (MatchCtStateNew) isStmt()         {}
+func (MatchAddr) isStmt()               {}
+func (MatchAddrSet) isStmt()            {}
+func (MatchIifnamePrefix) isStmt()      {}
+func (MatchL4Proto) isStmt()            {}
+func (MatchMarkUnset) isStmt()          {}
+func (VmapLookup) isStmt()              {}
+func (MatchAddrPairSet) isStmt()        {}
+func (MatchFibSaddrLocal) isStmt()      {}
+func (MatchFrontendSet) isStmt()        {}
+func (MatchFirewallAllowed) isStmt()    {}
+func (RecordAffinity) isStmt()          {}
+func (DNATAffinity) isStmt()            {}
+func (MatchCtStatusDNAT) isStmt()       {}
+func (MatchCtOriginalDaddrSet) isStmt() {}
+func (CtFrontendVmap) isStmt()          {}
+func (DNATRandom) isStmt()              {}
+func (SetMarkBits) isStmt()             {}
+func (ClearMarkBits) isStmt()           {}
+func (Masquerade) isStmt()              {}
+func (Reject) isStmt()                  {}
+func (VerdictStmt) isStmt()             {}

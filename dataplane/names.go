@@ -19,6 +19,8 @@ const (
 	setEndpoints           = "endpoints"
 	setHairpin             = "hairpin"
 	setAffinity            = "affinity"
+	setAffinityFrontends   = "affinity-frontends"
+	setAffinityNodePorts   = "affinity-nodeports"
 	setFirewallIPs         = "firewall-ips"
 	setFirewallAllow       = "firewall-allow"
 
@@ -37,6 +39,7 @@ const (
 	chainFirewallCheck          = "firewall-check"
 	chainMasquerading           = "masquerading"
 	chainRejectPacket           = "reject-packet"
+	chainAffinityRecord         = "affinity-record"
 )
 
 func familySet(name string, f Family) string { return name + f.Suffix() }
@@ -56,16 +59,28 @@ func endpointMapName(f Family, chain string) string {
 	return endpointShardName(f, h.Sum32()%endpointMapShards)
 }
 
-// affinityMapShards is how many affinity maps each family has. Adding a
-// rule that looks a map up makes the kernel walk every other rule bound
-// to that map, so one map for every Service with affinity would make a
-// cold start quadratic; the service chain's name picks its shard.
+// affinityMapShards is how many affinity maps each family has. The
+// control plane never adds elements to them, but adding a rule that
+// looks a map up makes the kernel walk every other rule bound to that
+// map: with one map per family, the lookup rules of 16,667 affinity
+// Services (50,000 in the policy mix) took a cold start from 13-14 s to
+// 20 s. The Service port picks its shard.
 const affinityMapShards = 16
 
-func affinityMapName(f Family, chain string) string {
+// affinityMapName is the affinity map of a Service port in a family,
+// chosen by a hash of its id: all its chains (cluster and local) use the
+// one map its frontends record in.
+func affinityMapName(f Family, portID string) string {
 	h := fnv.New32a()
-	h.Write([]byte(chain))
+	h.Write([]byte(portID))
 	return affinityShardName(f, h.Sum32()%affinityMapShards)
+}
+
+// affinityUpdateChainName is the shared chain that records new
+// connections in an affinity map with a timeout:
+// "update-affinity4-0c-10800s".
+func affinityUpdateChainName(set string, timeout uint32) string {
+	return fmt.Sprintf("update-%s-%ds", set, timeout)
 }
 
 func affinityShardName(f Family, shard uint32) string {

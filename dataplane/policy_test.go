@@ -172,47 +172,83 @@ func TestTraceTopology(t *testing.T) {
 	})
 }
 
-// TestTraceAffinity follows clients through the affinity cascade: a
-// first connection may reach any endpoint and records it; later ones
-// reach only that one, per client and frontend, until the agent removes
-// the entry of an endpoint that is gone.
+// TestTraceAffinity follows clients through session affinity: a first
+// connection may reach any endpoint, and the path after DNAT records the
+// one it reached; later ones reach only that one, per client and
+// frontend, until the agent removes the entry of an endpoint that is
+// gone.
 func TestTraceAffinity(t *testing.T) {
 	snap, key := policySnapshot(threeEndpoints(), withAffinity(2))
 	rs := Compute(snap)
 	tr := newTracer(rs)
 	vip := tcp(podClient, addr("10.96.0.10"), 80)
 	first := tr.trace(vip)
-	if first.String() != all3 || !strings.HasPrefix(first.affinity, "affinity4-") {
-		t.Fatalf("first connection: %s recorded in %q, want any endpoint recorded in an IPv4 affinity map", first, first.affinity)
+	if first.String() != all3 || !strings.HasPrefix(first.affinity, "affinity4-") || first.affinityTimeout != 2 {
+		t.Fatalf("first connection: %s recorded in %q for %ds, want any endpoint recorded in an IPv4 affinity map for 2s",
+			first, first.affinity, first.affinityTimeout)
 	}
 	tr.stick(first.affinity, vip, addrPort("10.1.0.12:8080"))
 	for range 20 {
-		if got := tr.trace(vip).String(); got != "10.1.0.12:8080" {
-			t.Fatalf("sticky client: got %s", got)
+		got := tr.trace(vip)
+		if got.String() != "10.1.0.12:8080" || got.affinity != first.affinity {
+			t.Fatalf("sticky client: got %s, recorded in %q (the timeout refreshed)", got, got.affinity)
 		}
 	}
 	checkFlowsOn(t, tr, []flow{
 		{"another client is free", tcp(addr("10.1.0.51"), addr("10.96.0.10"), 80), all3},
 		{"the same client on another frontend is free", tcp(podClient, addr("203.0.113.10"), 80), all3Masq},
 	})
+
+	// Every frontend records, in the port's one map: external ones
+	// (through the external chain), the NodePort on a node address, and
+	// the node's own connections (output, after DNAT).
+	for _, p := range []packet{
+		tcp(outsideClient, addr("203.0.113.10"), 80),
+		tcp(outsideClient, addr("198.51.100.10"), 80),
+		tcp(outsideClient, nodeAddr, 30080),
+		fromNode(addr("10.96.0.10"), 80),
+		fromNode(nodeAddr, 30080),
+	} {
+		if got := tr.trace(p); got.affinity != first.affinity || got.affinityTimeout != 2 {
+			t.Errorf("%v to %v:%d: recorded in %q for %ds, want %s for 2s", p.src, p.dst, p.dport, got.affinity, got.affinityTimeout, first.affinity)
+		}
+	}
 	v6 := tcp(addr("fd00:10::50"), addr("fd00:96::10"), 80)
 	if got := tr.trace(v6); !strings.HasPrefix(got.affinity, "affinity6-") {
 		t.Errorf("IPv6 records in %q, want an IPv6 affinity map", got.affinity)
 	}
+	v6Sticky := tcp(addr("fd00:10::50"), addr("fd00:96::10"), 80)
+	tr.stick(tr.trace(v6).affinity, v6Sticky, addrPort("[fd00:10::13]:8080"))
+	if got := tr.trace(v6Sticky).String(); got != "[fd00:10::13]:8080" {
+		t.Errorf("sticky IPv6 client: got %s", got)
+	}
 
-	// Each recording carries the Service's timeout.
-	timeouts := map[uint32]bool{}
+	// The Service's chains hold one affinity rule each, whatever their
+	// endpoint count: the recording is in the shared chains.
 	for _, c := range rs.Services[key].Chains {
+		lookups := 0
 		for _, r := range c.Rules {
 			for _, s := range r.Stmts {
-				if ra, ok := s.(RecordAffinity); ok {
-					timeouts[ra.Timeout] = true
+				switch s.(type) {
+				case DNATAffinity:
+					lookups++
+				case RecordAffinity:
+					t.Errorf("%s records affinity itself: %s", c.Name, r)
 				}
 			}
 		}
+		if strings.HasPrefix(c.Name, "svc") || strings.HasPrefix(c.Name, "local") {
+			if lookups != 1 {
+				t.Errorf("%s: %d affinity lookups, want 1", c.Name, lookups)
+			}
+		}
 	}
-	if len(timeouts) != 1 || !timeouts[2] {
-		t.Errorf("recorded timeouts %v, want only 2", timeouts)
+	var shared []string
+	for _, c := range rs.Shared {
+		shared = append(shared, c.Name)
+	}
+	if want := []string{"update-" + first.affinity + "-2s", "update-" + tr.trace(v6).affinity + "-2s"}; !slices.Equal(shared, want) {
+		t.Errorf("shared chains %v, want %v", shared, want)
 	}
 
 	// The endpoint goes away: the agent deletes the entry, and the

@@ -88,7 +88,20 @@ type fragment struct {
 	ports    []PortSummary
 	// healthCheckNodePort: see ServiceRules.
 	healthCheckNodePort uint16
+	// updates are the shared chains the fragment's affinity frontends
+	// record their connections through (Ruleset.Shared).
+	updates []affinityUpdate
 }
+
+// affinityUpdate names a shared chain that records new connections in an
+// affinity map with a timeout.
+type affinityUpdate struct {
+	family  Family
+	set     string
+	timeout uint32
+}
+
+func (u affinityUpdate) chain() string { return affinityUpdateChainName(u.set, u.timeout) }
 
 // indexSource hands a Service port's chain a run of n indexes in the
 // endpoint map named endpointMap and returns the first.
@@ -536,12 +549,30 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	}
 
 	clusterChain, localChain := serviceChainName(f, portID), localChainName(f, portID)
+	// With session affinity, every chain of the port looks clients up in
+	// one affinity map, and every frontend that reaches them records its
+	// new connections there after DNAT (affinity-record in the base).
+	var affinity *affinityUpdate
+	if pol.affinity != 0 && hasEndpoints {
+		affinity = &affinityUpdate{family: f, set: affinityMapName(f, portID), timeout: pol.affinity}
+		fr.updates = append(fr.updates, *affinity)
+	}
+	recordElement := func(set string, k Key) []Element {
+		if affinity == nil {
+			return nil
+		}
+		return []Element{{Set: set, Key: k, Verdict: Goto(affinity.chain()), Comment: comment}}
+	}
+	affinitySet := ""
+	if affinity != nil {
+		affinitySet = affinity.set
+	}
 	reachable := map[netip.AddrPort]bool{}
 	if hasEndpoints && usesCluster {
-		fr.addEndpointChain(f, clusterChain, comment, proto, cluster, fr.markFromOutside(f, s), indexes, pol, reachable)
+		fr.addEndpointChain(f, clusterChain, comment, proto, cluster, fr.markFromOutside(f, s), indexes, affinitySet, reachable)
 	}
 	if hasEndpoints && usesLocal {
-		fr.addEndpointChain(f, localChain, comment, proto, local, nil, indexes, pol, reachable)
+		fr.addEndpointChain(f, localChain, comment, proto, local, nil, indexes, affinitySet, reachable)
 	}
 	summary.Endpoints = slices.SortedFunc(maps.Keys(reachable), netip.AddrPort.Compare)
 	fr.ports = append(fr.ports, summary)
@@ -551,6 +582,7 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	reject, drop := Goto(chainRejectPacket), Verdict{Kind: VerdictDrop}
 	ipGroup, nodePortGroup := groupFrontends.in(f), groupNodePorts.in(f)
 	ipKey := func(a netip.Addr) Key { return Key{Addr: a, Proto: proto, Port: uint16(port.Port)} }
+	affinityFrontends, affinityNodePorts := familySet(setAffinityFrontends, f), familySet(setAffinityNodePorts, f)
 
 	// The ClusterIP.
 	cl := claim{group: ipGroup, rank: rankAllocated, frontend: "ClusterIP"}
@@ -569,8 +601,10 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 			fr.chains = append(fr.chains, &Chain{Name: target, Rules: []Rule{*mark, {Stmts: []Stmt{VerdictStmt{Goto(localChain)}}}}})
 		}
 		cl.Element = Element{Set: ipMap, Key: ipKey(vip), Verdict: Goto(target), Comment: comment}
+		cl.extra = recordElement(affinityFrontends, ipKey(vip))
 	default:
 		cl.Element = Element{Set: ipMap, Key: ipKey(vip), Verdict: Goto(clusterChain), Comment: comment}
+		cl.extra = recordElement(affinityFrontends, ipKey(vip))
 	}
 	fr.claims = append(fr.claims, cl)
 	if !externallyAccessible {
@@ -579,13 +613,14 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 
 	// External frontends: through the port's external chain, or refused.
 	extChain := externalChainName(f, portID)
-	externalFrontend := func(set string, k Key, group claimGroup, rank claimRank, kind string, noEpSet string) claim {
+	externalFrontend := func(set string, k Key, group claimGroup, rank claimRank, kind string, noEpSet, recordSet string) claim {
 		c := claim{group: group, rank: rank, frontend: kind}
 		switch {
 		case !hasEndpoints:
 			c.Element = Element{Set: noEpSet, Key: k, Verdict: reject, Comment: comment}
 		default:
 			c.Element = Element{Set: set, Key: k, Verdict: Goto(extChain), Comment: comment}
+			c.extra = recordElement(recordSet, k)
 			if externalLocal && !usesLocal {
 				// What the external chain does not send on (traffic from
 				// outside the cluster) is dropped by the filter check.
@@ -595,14 +630,14 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 		return c
 	}
 	for _, ext := range external {
-		c := externalFrontend(ipMap, ipKey(ext.addr), ipGroup, rankUserSupplied, ext.kind, noEpMap)
+		c := externalFrontend(ipMap, ipKey(ext.addr), ipGroup, rankUserSupplied, ext.kind, noEpMap, affinityFrontends)
 		if ext.kind == kindLoadBalancerIP && pol.filtered {
 			c.extra = append(c.extra, firewallElements(f, ipKey(ext.addr), pol.sourceRanges, s, comment)...)
 		}
 		fr.claims = append(fr.claims, c)
 	}
 	if nodePort != 0 {
-		fr.claims = append(fr.claims, externalFrontend(nodePortMap, Key{Proto: proto, Port: nodePort}, nodePortGroup, rankAllocated, "NodePort", noEpNodePortMap))
+		fr.claims = append(fr.claims, externalFrontend(nodePortMap, Key{Proto: proto, Port: nodePort}, nodePortGroup, rankAllocated, "NodePort", noEpNodePortMap, affinityNodePorts))
 	}
 	if !hasEndpoints {
 		return
@@ -686,16 +721,14 @@ func (fr *fragment) markFromOutside(f Family, s *settings) *Rule {
 // from the chain's run of an endpoint map. Endpoints enter the hairpin
 // set, so a pod reaching itself through the Service is masqueraded.
 //
-// With session affinity, a cascade of rules comes first: rule i matches
-// with probability 1/(n-i) and records its endpoint for the client and
-// frontend in the chain's affinity map. The first to match decides, as
-// the kernel only refreshes an entry that exists, so each endpoint is
-// equally likely for a new client and a client with a live entry keeps
-// its endpoint; the rule after the cascade DNATs to what the map holds.
-// The agent deletes entries whose endpoint the port no longer has
-// (affinity.go). The numgen rule at the end serves clients the map has
-// no room for.
-func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Protocol, eps []endpoint, mark *Rule, indexes indexSource, pol policy, reachable map[netip.AddrPort]bool) {
+// With session affinity (affinitySet names the port's map), a rule first
+// DNATs a client to the endpoint the map holds for it and this frontend;
+// a client without one falls through to the draw. The map is filled
+// after DNAT, from conntrack, by the shared chains affinity-record
+// dispatches to (base.go), so the chain needs no rule per endpoint. The
+// agent deletes entries whose endpoint the port no longer has
+// (affinity.go).
+func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Protocol, eps []endpoint, mark *Rule, indexes indexSource, affinitySet string, reachable map[netip.AddrPort]bool) {
 	var rules []Rule
 	if mark != nil {
 		rules = append(rules, *mark)
@@ -707,20 +740,9 @@ func (fr *fragment) addEndpointChain(f Family, chain, comment string, proto Prot
 			group:   groupHairpin.in(f), rank: rankAllocated,
 		})
 	}
-	if pol.affinity != 0 {
-		set := affinityMapName(f, chain)
-		for i, ep := range eps {
-			r := Rule{Stmts: []Stmt{MatchL4Proto{proto}}}
-			if n := uint32(len(eps) - i); n > 1 {
-				r.Stmts = append(r.Stmts, MatchRandom{Mod: n})
-			}
-			r.Stmts = append(r.Stmts, RecordAffinity{Family: f, Set: set, Target: ep.addr, Timeout: pol.affinity})
-			if i == 0 {
-				r.Comment = "session affinity: the first draw that matches is kept"
-			}
-			rules = append(rules, r)
-		}
-		rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATAffinity{Family: f, Set: set}}})
+	if affinitySet != "" {
+		rules = append(rules, Rule{Stmts: []Stmt{MatchL4Proto{proto}, DNATAffinity{Family: f, Set: affinitySet}},
+			Comment: "session affinity"})
 	}
 	endpoints := endpointMapName(f, chain)
 	offset := indexes(endpoints, chain, len(eps))

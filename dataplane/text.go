@@ -24,11 +24,7 @@ func (r *Ruleset) String() string {
 		slices.SortFunc(all, compareElements)
 		writeSet(&b, set, all)
 	}
-	chains := slices.Clone(r.Base.Chains)
-	for _, key := range r.ServiceKeys() {
-		chains = append(chains, r.Services[key].Chains...)
-	}
-	for _, c := range chains {
+	for _, c := range allChains(r) {
 		writeChain(&b, c)
 	}
 	b.WriteString("}\n")
@@ -217,11 +213,21 @@ func stmtString(s Stmt) string {
 		}
 		return fmt.Sprintf("dnat %s to numgen random mod %d%s map @%s", ipName(s.Family), s.Count, offset, s.Map)
 	case RecordAffinity:
-		return fmt.Sprintf("update @%s { %s timeout %s : %s . %d }", s.Set, affinityKeyString(s.Family), durationString(s.Timeout), s.Target.Addr(), s.Target.Port())
+		ip := ipName(s.Family)
+		return fmt.Sprintf("update @%s { ct original %s saddr . ct original %s daddr . ct protocol . ct original proto-dst timeout %s : ct reply %s saddr . ct reply proto-src }",
+			s.Set, ip, ip, durationString(s.Timeout), ip)
 	case DNATAffinity:
 		return fmt.Sprintf("dnat %s to %s map @%s", ipName(s.Family), affinityKeyString(s.Family), s.Set)
-	case MatchRandom:
-		return fmt.Sprintf("numgen random mod %d 0", s.Mod)
+	case MatchCtStatusDNAT:
+		return "ct status dnat"
+	case MatchCtOriginalDaddrSet:
+		return fmt.Sprintf("ct original %s daddr @%s", ipName(s.Family), s.Set)
+	case CtFrontendVmap:
+		key := "ct protocol . ct original proto-dst"
+		if s.Key != KeyProtoPort {
+			key = fmt.Sprintf("ct original %s daddr . %s", ipName(s.Family), key)
+		}
+		return key + " vmap @" + s.Map
 	case MatchFibSaddrLocal:
 		return "fib saddr type local"
 	case MatchFrontendSet:

@@ -19,6 +19,11 @@ type packet struct {
 	dport    uint16
 	iifname  string
 	local    bool // generated on the node (output hook) rather than arriving
+	// dnat: the packet was DNATed from origDst:origDport, as its
+	// conntrack entry's original tuple says (after the nat hooks).
+	dnat      bool
+	origDst   netip.Addr
+	origDport uint16
 }
 
 type outcome struct {
@@ -27,8 +32,10 @@ type outcome struct {
 	endpoints  []netip.AddrPort // every endpoint numgen may pick, sorted
 	masquerade bool             // for the first endpoint (hairpin aside, the same for all)
 	hairpin    map[netip.AddrPort]bool
-	// affinity is the set the draw records the client's choice in.
-	affinity string
+	// affinity is the map the path after DNAT records the client's
+	// endpoint in, with affinityTimeout.
+	affinity        string
+	affinityTimeout uint32
 }
 
 func (o outcome) String() string {
@@ -82,8 +89,8 @@ func affinityKeyOf(p packet) Key {
 	return Key{Addr: p.src, Addr2: p.dst, Proto: p.proto, Port: p.dport}
 }
 
-// stick records, as the kernel's dynset would, that p's client was sent
-// to ep by a draw that recorded into set.
+// stick records, as the kernel's dynset after DNAT would, that p's client
+// was sent to ep, in set (a trace's outcome names it).
 func (t *tracer) stick(set string, p packet, ep netip.AddrPort) {
 	if t.affinity[set] == nil {
 		t.affinity[set] = map[Key]netip.AddrPort{}
@@ -97,13 +104,9 @@ type evalState struct {
 	dnat     []netip.AddrPort
 	rejected bool
 	dropped  bool
-	affinity string
-	// candidates are the endpoints the affinity cascade may record for a
-	// client without an entry (the tracer follows every draw); stored is
-	// the entry of a client that has one.
-	candidates []netip.AddrPort
-	stored     netip.AddrPort
-	sticky     bool
+	// affinity is the map a RecordAffinity after DNAT recorded in.
+	affinity        string
+	affinityTimeout uint32
 }
 
 // trace runs the hooks a new connection meets. Arriving: nat prerouting,
@@ -139,14 +142,30 @@ func (t *tracer) trace(p packet) outcome {
 		}
 		return outcome{rejected: st.rejected, dropped: st.dropped}
 	}
-	out := outcome{endpoints: st.dnat, hairpin: map[netip.AddrPort]bool{}, affinity: st.affinity}
+	out := outcome{endpoints: st.dnat, hairpin: map[netip.AddrPort]bool{}}
 	for _, ep := range st.dnat {
 		q := p
 		q.dst, q.dport = ep.Addr(), ep.Port()
+		q.dnat, q.origDst, q.origDport = true, p.dst, p.dport
+		// The filter hooks after DNAT: they record session affinity.
+		filter := evalState{mark: st.mark}
+		switch {
+		case p.local:
+			t.run(chainFilterOutputPostDNAT, q, &filter)
+			if !filter.rejected && !filter.dropped && t.isNodeAddr(q.dst) {
+				t.run(chainFilterInput, q, &filter)
+			}
+		case t.isNodeAddr(q.dst):
+			t.run(chainFilterInput, q, &filter)
+		default:
+			t.run(chainFilterForward, q, &filter)
+		}
 		post := evalState{mark: st.mark}
 		masq := t.runPost(q, &post)
 		if ep == st.dnat[0] {
 			out.masquerade = masq && st.mark != 0
+			out.affinity, out.affinityTimeout = filter.affinity, filter.affinityTimeout
+			out.rejected, out.dropped = filter.rejected, filter.dropped
 		}
 		if masq && st.mark == 0 {
 			out.hairpin[ep] = true
@@ -227,27 +246,40 @@ rules:
 				if familyOf(p.dst) != s.Family || allowed == s.Negate {
 					continue rules
 				}
-			case RecordAffinity:
-				st.affinity = s.Set
-				if ep, ok := t.affinity[s.Set][affinityKeyOf(p)]; ok {
-					st.stored, st.sticky = ep, true
-				} else if !slices.Contains(st.candidates, s.Target) {
-					st.candidates = append(st.candidates, s.Target)
-				}
-			case MatchRandom:
-				// Every branch of a cascade is possible: go on as if it
-				// matched, noting each rule's endpoint.
 			case DNATAffinity:
-				if familyOf(p.dst) != s.Family {
+				ep, ok := t.affinity[s.Set][affinityKeyOf(p)]
+				if familyOf(p.dst) != s.Family || !ok {
 					continue rules
 				}
-				if st.sticky {
-					st.dnat = append(st.dnat, st.stored)
-				} else {
-					st.dnat = append(st.dnat, st.candidates...)
-				}
-				slices.SortFunc(st.dnat, netip.AddrPort.Compare)
+				st.dnat = append(st.dnat, ep)
 				return true
+			case MatchCtStatusDNAT:
+				if !p.dnat {
+					continue rules
+				}
+			case MatchCtOriginalDaddrSet:
+				if familyOf(p.origDst) != s.Family || !slices.ContainsFunc(t.elements[s.Set], func(e Element) bool { return e.Key.Addr == p.origDst }) {
+					continue rules
+				}
+			case CtFrontendVmap:
+				if !p.dnat || familyOf(p.origDst) != s.Family {
+					continue rules
+				}
+				orig := p
+				orig.dst, orig.dport = p.origDst, p.origDport
+				v, found := t.lookupVerdict(VmapLookup{Key: s.Key, Map: s.Map}, orig)
+				if !found {
+					continue rules
+				}
+				if terminal, next := t.verdict(v, p, st, masq); terminal || !next {
+					return terminal
+				}
+				continue rules
+			case RecordAffinity:
+				if !p.dnat || familyOf(p.src) != s.Family {
+					continue rules
+				}
+				st.affinity, st.affinityTimeout = s.Set, s.Timeout
 			case MatchIifnamePrefix:
 				if strings.HasPrefix(p.iifname, s.Prefix) == s.Negate {
 					continue rules

@@ -269,8 +269,10 @@ func replayColdStart(ctx context.Context, c *cluster, tp *topology) (inProcess, 
 }
 
 // waitQuiet waits, at most limit, until the agent has been quiet for
-// window: nothing pending, no write, and under 5% of a core of CPU. It
-// returns how long it waited.
+// window: nothing pending, no write, and under 10% of a core of CPU (a
+// sync in progress takes a whole core; each poll of /metrics costs the
+// agent a few milliseconds, hence the slow polling). It returns how long
+// it waited.
 func waitQuiet(ctx context.Context, agent *agentProcess, window, limit time.Duration) (time.Duration, error) {
 	start := time.Now()
 	type sample struct {
@@ -296,7 +298,7 @@ func waitQuiet(ctx context.Context, agent *agentProcess, window, limit time.Dura
 		if old := history[0]; now.at.Sub(old.at) >= window {
 			lastSync := time.Unix(0, int64(now.lastSync*1e9))
 			if now.lastSync == old.lastSync && now.at.Sub(lastSync) >= window &&
-				now.cpu-old.cpu < 0.05*now.at.Sub(old.at).Seconds() {
+				now.cpu-old.cpu < 0.1*now.at.Sub(old.at).Seconds() {
 				return time.Since(start), nil
 			}
 			history = history[1:]
@@ -307,7 +309,7 @@ func waitQuiet(ctx context.Context, agent *agentProcess, window, limit time.Dura
 		select {
 		case <-ctx.Done():
 			return 0, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(250 * time.Millisecond):
 		}
 	}
 }

@@ -154,6 +154,7 @@ func runHarness(ctx context.Context, opts options) (*results, error) {
 	defer h.cluster.stop()
 
 	res := &results{Machine: describeMachine(), Options: opts}
+	defer func() { res.Took = time.Since(start) }()
 	scales := opts.Scales
 	if opts.BaselineScale > 0 && len(scales) > 0 && opts.BaselineScale >= scales[0] {
 		opts.BaselineScale = 0 // the first scale is small enough to compare with
@@ -169,7 +170,6 @@ func runHarness(ctx context.Context, opts options) (*results, error) {
 		}
 		res.Scales = append(res.Scales, *r)
 	}
-	res.Took = time.Since(start)
 	return res, nil
 }
 

@@ -32,7 +32,7 @@ import (
 
 func main() {
 	var (
-		scales   = flag.String("scales", envOr("BENCH_SCALES", "1000,10000,50000"), "Numbers of Services, comma-separated ($BENCH_SCALES).")
+		scales   = flag.String("scales", envOr("BENCH_SCALES", "1000,10000"), "Numbers of Services, comma-separated ($BENCH_SCALES).")
 		baseline = flag.Int("baseline", 100, "A first, small scale for the datapath comparison (cold start, datapath, resources only); 0 skips it.")
 		changes  = flag.Int("changes", 20, "Changes of each kind per scale.")
 		samples  = flag.Int("datapath-samples", 2000, "Connections per path (ClusterIP, pod IP) per scale.")

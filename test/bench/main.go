@@ -5,8 +5,9 @@
 // the netlink batch sizes. It prints Markdown tables with a verdict per
 // aim and writes an SVG chart. It asserts nothing about time.
 //
-//	make bench                       (BENCH_SCALES=1000,10000 for a shorter run)
-//	go run ./test/bench -scales 1000,10000,50000 -out bin/bench
+//	make bench                       (1k and 10k Services, about 10 minutes here)
+//	make bench BENCH_SCALES=1000,10000,50000 BENCH_FLAGS=-timeout=40m
+//	go run ./test/bench -scales 1000,10000,50000 -timeout 40m -out bin/bench
 //
 // It needs root (network namespaces) and $KUBEBUILDER_ASSETS. It bounds
 // its own run (-timeout), and removes what it created (namespaces, the
@@ -42,9 +43,16 @@ func main() {
 		out      = flag.String("out", "bin/bench", "Directory for report.md, chart.svg and results.json.")
 		verbose  = flag.Bool("v", false, "Log every change's latency.")
 		keepLogs = flag.String("keep-logs", "", "Copy the agents' logs into this directory.")
+		fromJSON = flag.String("from-json", "", "Render the report of an earlier run's results.json instead of running.")
 		timeout  = flag.Duration("timeout", 14*time.Minute, "Bound on the whole run.")
 	)
 	flag.Parse()
+	if *fromJSON != "" {
+		if err := rerender(*fromJSON, *out); err != nil {
+			fail(err)
+		}
+		return
+	}
 	opts := options{
 		BaselineScale: *baseline, Changes: *changes, DatapathSamples: *samples, ProbeSample: *sample,
 		MinSyncInterval: *minSync, Agent: *agent, Verbose: *verbose, KeepLogs: *keepLogs,
@@ -93,6 +101,20 @@ func write(res *results, dir string) error {
 	}
 	fmt.Fprintf(os.Stderr, "bench: wrote %s/{report.md,chart.svg,results.json}\n", dir)
 	return nil
+}
+
+// rerender writes the report of saved results again, as this version of
+// the harness renders it.
+func rerender(path, dir string) error {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	var res results
+	if err := json.Unmarshal(raw, &res); err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	return write(&res, dir)
 }
 
 func parseScales(s string) ([]int, error) {

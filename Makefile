@@ -68,7 +68,7 @@ test: vet ## Run every test this machine can run (unit, envtest; kernel tests ne
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
-bench: ## The real agent against a real API server at 1k/10k Services (BENCH_SCALES=1000,10000,50000 BENCH_FLAGS=-timeout=40m for 50k): report in bin/bench (root).
+bench: ## The real agent against a real API server at 1k/10k/50k Services, ~10 min (BENCH_SCALES=1000,10000 for less): report in bin/bench (root).
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go run ./test/bench -out $(LOCALBIN)/bench $(BENCH_FLAGS)
 
 .PHONY: bench-dataplane

@@ -68,7 +68,11 @@ test: vet ## Run every test this machine can run (unit, envtest; kernel tests ne
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 $(GOTEST_FLAGS) ./...
 
 .PHONY: bench
-bench: ## Benchmarks that print compute, cold-start and one-change figures at 1k/10k/50k Services (kernel parts need root).
+bench: ## The real agent against a real API server at 1k/10k/50k Services, ~10 min (BENCH_SCALES=1000,10000 for less): report in bin/bench (root).
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go run ./test/bench -out $(LOCALBIN)/bench $(BENCH_FLAGS)
+
+.PHONY: bench-dataplane
+bench-dataplane: ## Dataplane micro-benchmarks: compute, cold start into an empty kernel, one change, at 1k/10k/50k Services (kernel parts need root).
 	go test -run XXX -bench . -benchtime $(BENCHTIME) -timeout 30m ./dataplane
 
 # Iterations per benchmark; the 50k cold start alone takes seconds each.

@@ -3,6 +3,8 @@ package controllers
 import (
 	"net/netip"
 	"reflect"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -31,6 +33,10 @@ type State struct {
 	// triggered holds, per pending Service, the change-trigger times of
 	// its EndpointSlices' new versions, for network programming latency.
 	triggered map[types.NamespacedName][]time.Time
+	// versions are the resourceVersions of each Service and its slices as
+	// last set, so that reading them again (the reconcilers' initial pass
+	// after the first sync loaded everything) is not a change.
+	versions  map[types.NamespacedName]string
 	node      *NodeInfo
 	lastNode  *NodeInfo
 	config    *EffectiveConfig
@@ -43,6 +49,7 @@ func NewState() *State {
 	return &State{
 		services:  map[types.NamespacedName]dataplane.ServiceState{},
 		triggered: map[types.NamespacedName][]time.Time{},
+		versions:  map[types.NamespacedName]string{},
 		wake:      make(chan struct{}, 1),
 	}
 }
@@ -64,8 +71,19 @@ func (s *State) changedLocked() {
 // triggered are the endpoints.kubernetes.io/last-change-trigger-time
 // values of slice versions not seen before.
 func (s *State) SetService(key types.NamespacedName, st dataplane.ServiceState, triggered ...time.Time) {
+	version, known := versionOf(st)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if old, ok := s.versions[key]; known && ok && old == version || st.Service == nil && !ok {
+		return // the same objects again, or a Service never seen is gone
+	}
+	if known && st.Service != nil {
+		s.versions[key] = version
+	} else if st.Service == nil {
+		delete(s.versions, key)
+	} else {
+		s.versions[key] = "\x00unknown" // matches no later version
+	}
 	s.services[key] = st
 	if len(triggered) > 0 {
 		s.triggered[key] = append(s.triggered[key], triggered...)
@@ -131,4 +149,24 @@ func (s *State) Pending() (services int, since time.Time) {
 		n++
 	}
 	return n, s.changedAt
+}
+
+// versionOf fingerprints a Service and its slices by resourceVersion;
+// known is false when an object has none (objects built in tests).
+func versionOf(st dataplane.ServiceState) (version string, known bool) {
+	if st.Service == nil {
+		return "", true
+	}
+	if st.Service.ResourceVersion == "" {
+		return "", false
+	}
+	parts := make([]string, 0, len(st.Slices))
+	for _, sl := range st.Slices {
+		if sl.ResourceVersion == "" {
+			return "", false
+		}
+		parts = append(parts, sl.Name+"@"+sl.ResourceVersion)
+	}
+	slices.Sort(parts)
+	return st.Service.ResourceVersion + "|" + strings.Join(parts, ","), true
 }

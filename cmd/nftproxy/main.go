@@ -37,6 +37,7 @@ type options struct {
 	metricsAddress          string
 	metricsSecure           bool
 	healthProbeAddress      string
+	pprofAddress            string
 	leaderElect             bool
 	leaderElectionNamespace string
 	netns                   string
@@ -122,6 +123,8 @@ func parseFlags(args []string) (options, error) {
 		"Address of the Prometheus metrics endpoint; \"0\" turns it off.")
 	fs.BoolVar(&opts.metricsSecure, "metrics-secure", false,
 		"Serve metrics over HTTPS to clients the API server authenticates and authorizes (GET on the /metrics non-resource URL).")
+	fs.StringVar(&opts.pprofAddress, "pprof-bind-address", "0",
+		"Address of Go's /debug/pprof profiles (for debugging; keep it on loopback); \"0\" turns it off.")
 	fs.StringVar(&opts.healthProbeAddress, "health-probe-bind-address", ":10256",
 		"Address of the /healthz and /readyz endpoints; \"0\" turns them off.")
 	fs.BoolVar(&opts.leaderElect, "leader-elect", true,
@@ -196,6 +199,7 @@ func runAgent(ctx context.Context, opts options) error {
 		MetricsAddress:          opts.metricsAddress,
 		MetricsSecure:           opts.metricsSecure,
 		HealthProbeAddress:      opts.healthProbeAddress,
+		PprofAddress:            opts.pprofAddress,
 		LeaderElection:          opts.leaderElect,
 		LeaderElectionNamespace: opts.leaderElectionNamespace,
 		StatusNamespace:         opts.leaderElectionNamespace,

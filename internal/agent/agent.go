@@ -46,6 +46,8 @@ type Options struct {
 	MetricsSecure  bool
 	// HealthProbeAddress serves /healthz and /readyz; "0" turns it off.
 	HealthProbeAddress string
+	// PprofAddress serves Go's /debug/pprof; "" or "0" turns it off.
+	PprofAddress string
 	// LeaderElection elects the one agent (per ProxyConfig) that writes
 	// status and Service Events, in LeaderElectionNamespace.
 	LeaderElection          bool
@@ -93,6 +95,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		Scheme:                  opts.Scheme,
 		Metrics:                 metricsOpts,
 		HealthProbeBindAddress:  opts.HealthProbeAddress,
+		PprofBindAddress:        opts.PprofAddress,
 		LeaderElection:          opts.LeaderElection,
 		LeaderElectionID:        "nftproxy-" + opts.ConfigName,
 		LeaderElectionNamespace: opts.LeaderElectionNamespace,

@@ -168,6 +168,9 @@ func TestDaemonSetRunsWithNETADMINOnly(t *testing.T) {
 	if e := env["POD_NAMESPACE"]; e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "metadata.namespace" {
 		t.Errorf("POD_NAMESPACE does not come from metadata.namespace: %+v", e)
 	}
+	if e := env["GOMEMLIMIT"]; e.ValueFrom == nil || e.ValueFrom.ResourceFieldRef == nil || e.ValueFrom.ResourceFieldRef.Resource != "limits.memory" {
+		t.Errorf("GOMEMLIMIT does not follow the memory limit: %+v", e)
+	}
 	if !slices.Contains(c.Args, "--metrics-secure") {
 		t.Errorf("metrics are served without authentication: args %v", c.Args)
 	}

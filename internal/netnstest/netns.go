@@ -25,11 +25,13 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/nftproxy/nftproxy/internal/netns"
 )
 
 const (
 	// netnsDir is where `ip netns add` pins namespaces by name.
-	netnsDir = "/run/netns"
+	netnsDir = netns.Dir
 	// cmdTimeout bounds every command the package runs, so a wedged
 	// `ip` or a command run by Exec cannot hang the test binary.
 	cmdTimeout = 30 * time.Second
@@ -56,7 +58,7 @@ func Require(t testing.TB) {
 	requireOnce.Do(func() {
 		requireErr = probe()
 		if requireErr == nil {
-			if n := sweepStale(); n > 0 {
+			if n := netns.SweepStale(staleName); n > 0 {
 				t.Logf("netnstest: removed %d namespaces left behind by dead test processes", n)
 			}
 		}
@@ -89,33 +91,7 @@ func probe() error {
 // staleName matches the names newName makes and captures the creator's pid.
 var staleName = regexp.MustCompile(`^npx([0-9]+)-[0-9]+-`)
 
-// sweepStale removes namespaces this package created in processes that
-// are gone: a test binary killed by `go test -timeout` or SIGKILL never
-// runs its cleanups. Namespaces of live processes, and any name this
-// package does not make, are left alone.
-func sweepStale() int {
-	entries, err := os.ReadDir(netnsDir)
-	if err != nil {
-		return 0
-	}
-	removed := 0
-	for _, e := range entries {
-		m := staleName.FindStringSubmatch(e.Name())
-		if m == nil {
-			continue
-		}
-		pid, err := strconv.Atoi(m[1])
-		if err != nil || pid == os.Getpid() || processAlive(pid) {
-			continue
-		}
-		if _, err := run("ip", "netns", "del", e.Name()); err == nil {
-			removed++
-		}
-	}
-	return removed
-}
-
-// newName returns "npx<pid>-<seq>-<role>": the pid lets sweepStale find
+// newName returns "npx<pid>-<seq>-<role>": the pid lets netns.SweepStale find
 // leftovers of dead processes, the sequence number keeps names unique.
 func newName(role string) string {
 	clean := strings.Map(func(r rune) rune {
@@ -240,7 +216,7 @@ func (ns *NS) Do(fn func() error) error {
 	go func() {
 		runtime.LockOSThread()
 		var out outcome
-		restore, err := enterNetNS(ns.Path())
+		restore, err := netns.Enter(ns.Path())
 		if err != nil {
 			runtime.UnlockOSThread()
 			done <- outcome{err: fmt.Errorf("netnstest: entering %s: %w", ns.Name, err), finished: true}

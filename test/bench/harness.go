@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/nftproxy/nftproxy/internal/netns"
 )
 
 // options are the harness's knobs; main fills them from flags, the smoke
@@ -132,7 +134,7 @@ func runHarness(ctx context.Context, opts options) (*results, error) {
 	if opts.Log == nil {
 		opts.Log = func(string, ...any) {}
 	}
-	if n := sweepStaleNamespaces(); n > 0 {
+	if n := netns.SweepStale(benchNSName); n > 0 {
 		opts.Log("removed %d namespaces left by a killed harness", n)
 	}
 	dir, err := os.MkdirTemp("", "nftproxy-bench-")

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nftproxy/nftproxy/internal/netns"
 )
 
 // A prober makes TCP exchanges (connect, send one line, read the answer,
@@ -46,7 +48,7 @@ func newProber(ns string) (*prober, error) {
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread ends with us
 		defer close(p.done)
-		if err := setns(netnsDir + "/" + ns); err != nil {
+		if _, err := netns.Enter(netnsDir + "/" + ns); err != nil {
 			ready <- fmt.Errorf("prober: entering %s: %w", ns, err)
 			return
 		}

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,13 +10,11 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
-	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/nftproxy/nftproxy/internal/netns"
 )
 
 // The benchmark's network: a node namespace the agent programs, a client
@@ -31,7 +28,7 @@ import (
 //	                                   192.168.255.1 ── sink 192.168.255.2 (owns 10.96.0.0/16)
 
 const (
-	netnsDir   = "/run/netns"
+	netnsDir   = netns.Dir
 	podPort    = 8080
 	cmdTimeout = 30 * time.Second
 )
@@ -56,36 +53,6 @@ type topology struct {
 }
 
 var benchNSName = regexp.MustCompile(`^npxbench([0-9]+)-`)
-
-// sweepStaleNamespaces removes namespaces an earlier harness left behind
-// when it was killed (SIGKILL runs no cleanup); those of live processes
-// and every other name are left alone.
-func sweepStaleNamespaces() int {
-	entries, err := os.ReadDir(netnsDir)
-	if err != nil {
-		return 0
-	}
-	n := 0
-	for _, e := range entries {
-		m := benchNSName.FindStringSubmatch(e.Name())
-		if m == nil {
-			continue
-		}
-		pid, err := strconv.Atoi(m[1])
-		if err != nil || pid == os.Getpid() || processAlive(pid) {
-			continue
-		}
-		if err := run(context.Background(), "ip", "netns", "del", e.Name()); err == nil {
-			n++
-		}
-	}
-	return n
-}
-
-func processAlive(pid int) bool {
-	err := unix.Kill(pid, 0)
-	return err == nil || errors.Is(err, unix.EPERM)
-}
 
 var topoSeq int
 
@@ -254,41 +221,9 @@ func (tp *topology) close() {
 }
 
 // inNamespace runs fn on a thread switched into namespace ns, so the
-// sockets fn creates belong to it. The thread is never handed back to the
-// scheduler in the wrong namespace: if switching back fails it stays
-// locked and dies with the goroutine.
+// sockets fn creates belong to it.
 func inNamespace(ns string, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open("/proc/thread-self/ns/net")
-		if err != nil {
-			errc <- err
-			return // the thread dies, locked
-		}
-		defer func() { _ = orig.Close() }()
-		if err := setns(netnsDir + "/" + ns); err != nil {
-			errc <- err
-			return
-		}
-		err = fn()
-		if rerr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); rerr != nil {
-			errc <- errors.Join(err, rerr)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	return <-errc
-}
-
-func setns(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer func() { _ = f.Close() }()
-	return unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+	return netns.Do(netnsDir+"/"+ns, fn)
 }
 
 // run runs a command, bounded in time; the error carries its output.

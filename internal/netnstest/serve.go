@@ -2,10 +2,12 @@ package netnstest
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -59,20 +61,50 @@ func sourceOf(a net.Addr) netip.Addr {
 // connections are closed at cleanup.
 func (ns *NS) ServeTCP(t testing.TB, addr, name string) {
 	t.Helper()
+	s, err := ns.ListenTCP(addr, name)
+	serveUntilCleanup(t, s, err)
+}
+
+// ServeUDP answers each datagram arriving at addr with
+// "<name> <client ip>". With a wildcard addr (":5353") the kernel picks
+// the reply's source address by routing; bind the address the client (or
+// the proxy's DNAT) targets when that matters.
+func (ns *NS) ServeUDP(t testing.TB, addr, name string) {
+	t.Helper()
+	s, err := ns.ListenUDP(addr, name)
+	serveUntilCleanup(t, s, err)
+}
+
+func serveUntilCleanup(t testing.TB, s *Server, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("netnstest: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Errorf("netnstest: %v", err)
+		}
+	})
+}
+
+// ListenTCP is ServeTCP for code without a testing.TB (a program, a
+// TestMain): the caller stops the server with Close.
+func (ns *NS) ListenTCP(addr, name string) (*Server, error) {
 	var l net.Listener
 	if err := ns.Do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
-		t.Fatalf("netnstest: %s: serving tcp %s: %v", ns.Name, addr, err)
+		return nil, fmt.Errorf("%s: serving tcp %s: %w", ns.Name, addr, err)
 	}
-	s := newServer(t, fmt.Sprintf("tcp server %s in %s", addr, ns.Name))
+	s := newServer(fmt.Sprintf("tcp server %s in %s", addr, ns.Name))
 	s.spawn(l, func() {
 		for {
 			c, err := l.Accept()
 			if err != nil {
-				return // closed at cleanup
+				return // closed
 			}
 			s.spawn(c, func() { answerTCP(c, name) })
 		}
 	})
+	return s, nil
 }
 
 func answerTCP(c net.Conn, name string) {
@@ -88,32 +120,54 @@ func answerTCP(c net.Conn, name string) {
 	}
 }
 
-// ServeUDP answers each datagram arriving at addr with
-// "<name> <client ip>". With a wildcard addr (":5353") the kernel picks
-// the reply's source address by routing; bind the address the client (or
-// the proxy's DNAT) targets when that matters.
-func (ns *NS) ServeUDP(t testing.TB, addr, name string) {
-	t.Helper()
+// ListenUDP is ServeUDP for code without a testing.TB: the caller stops
+// the server with Close.
+func (ns *NS) ListenUDP(addr, name string) (*Server, error) {
 	var pc net.PacketConn
 	if err := ns.Do(func() (err error) { pc, err = net.ListenPacket("udp", addr); return err }); err != nil {
-		t.Fatalf("netnstest: %s: serving udp %s: %v", ns.Name, addr, err)
+		return nil, fmt.Errorf("%s: serving udp %s: %w", ns.Name, addr, err)
 	}
-	s := newServer(t, fmt.Sprintf("udp server %s in %s", addr, ns.Name))
+	s := newServer(fmt.Sprintf("udp server %s in %s", addr, ns.Name))
 	s.spawn(pc, func() {
 		buf := make([]byte, 2048)
 		for {
 			_, from, err := pc.ReadFrom(buf)
 			if err != nil {
-				return // closed at cleanup
+				return // closed
 			}
 			_, _ = pc.WriteTo([]byte(Reply{Server: name, Source: sourceOf(from)}.String()), from)
 		}
 	})
+	return s, nil
 }
 
-// server tracks a test server's sockets and goroutines, so that cleanup
-// closes every socket and waits for every goroutine.
-type server struct {
+// ListenHTTP serves HTTP on addr, answering every request with 200 and
+// the body "<name> <client ip>\n" (what AskHTTP reads). The caller stops
+// the server with Close.
+func (ns *NS) ListenHTTP(addr, name string) (*Server, error) {
+	var l net.Listener
+	if err := ns.Do(func() (err error) { l, err = net.Listen("tcp", addr); return err }); err != nil {
+		return nil, fmt.Errorf("%s: serving http %s: %w", ns.Name, addr, err)
+	}
+	hs := &http.Server{
+		ReadHeaderTimeout: readyTimeout,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			var source netip.Addr
+			if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+				source = ap.Addr().Unmap()
+			}
+			w.Header().Set("Content-Type", "text/plain")
+			_, _ = io.WriteString(w, Reply{Server: name, Source: source}.line())
+		}),
+	}
+	s := newServer(fmt.Sprintf("http server %s in %s", addr, ns.Name))
+	s.spawn(hs, func() { _ = hs.Serve(l) })
+	return s, nil
+}
+
+// Server is a running test server. It tracks its sockets and goroutines,
+// so that Close closes every socket and waits for every goroutine.
+type Server struct {
 	what   string
 	mu     sync.Mutex
 	closed bool
@@ -121,15 +175,13 @@ type server struct {
 	wg     sync.WaitGroup
 }
 
-func newServer(t testing.TB, what string) *server {
-	s := &server{what: what, socks: map[io.Closer]struct{}{}}
-	t.Cleanup(func() { s.close(t) })
-	return s
+func newServer(what string) *Server {
+	return &Server{what: what, socks: map[io.Closer]struct{}{}}
 }
 
 // spawn runs fn on a goroutine and closes sock when fn returns or at
-// cleanup, whichever comes first.
-func (s *server) spawn(sock io.Closer, fn func()) {
+// Close, whichever comes first.
+func (s *Server) spawn(sock io.Closer, fn func()) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -151,7 +203,9 @@ func (s *server) spawn(sock io.Closer, fn func()) {
 	}()
 }
 
-func (s *server) close(t testing.TB) {
+// Close stops the server: it closes its sockets and waits for its
+// goroutines, failing if they are still running after a few seconds.
+func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
 	for c := range s.socks {
@@ -162,8 +216,9 @@ func (s *server) close(t testing.TB) {
 	go func() { s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		return nil
 	case <-time.After(readyTimeout):
-		t.Errorf("netnstest: %s: goroutines still running %v after close", s.what, readyTimeout)
+		return fmt.Errorf("%s: goroutines still running %v after close", s.what, readyTimeout)
 	}
 }
 
@@ -200,6 +255,92 @@ func (ns *NS) AskUDP(addr string, timeout time.Duration) (Reply, error) {
 	r, err := parseReply(string(buf[:n]))
 	if err != nil {
 		return Reply{}, ns.opError("ask udp", addr, err)
+	}
+	return r, nil
+}
+
+// UDPConn is a connected UDP socket: every Ask leaves from the same
+// source port, as a DNS client's queries do, so a test can see which
+// backend the flow's conntrack entry leads to.
+type UDPConn struct {
+	ns      *NS
+	addr    string
+	c       net.Conn
+	timeout time.Duration
+}
+
+// DialUDP opens a UDP socket inside the namespace connected to addr; each
+// Ask waits at most timeout for the answer.
+func (ns *NS) DialUDP(addr string, timeout time.Duration) (*UDPConn, error) {
+	c, err := ns.dial("udp", addr, time.Now().Add(timeout))
+	if err != nil {
+		return nil, ns.opError("dial udp", addr, err)
+	}
+	return &UDPConn{ns: ns, addr: addr, c: c, timeout: timeout}, nil
+}
+
+// Ask sends one datagram and returns the answer; the errors are AskUDP's.
+func (c *UDPConn) Ask() (Reply, error) {
+	_ = c.c.SetDeadline(time.Now().Add(c.timeout))
+	if _, err := io.WriteString(c.c, "?"); err != nil {
+		return Reply{}, c.ns.opError("ask udp", c.addr, err)
+	}
+	buf := make([]byte, 2048)
+	n, err := c.c.Read(buf)
+	if err != nil {
+		return Reply{}, c.ns.opError("ask udp", c.addr, err)
+	}
+	r, err := parseReply(string(buf[:n]))
+	if err != nil {
+		return Reply{}, c.ns.opError("ask udp", c.addr, err)
+	}
+	return r, nil
+}
+
+// LocalAddr is the client's end of the flow.
+func (c *UDPConn) LocalAddr() netip.AddrPort { return c.c.LocalAddr().(*net.UDPAddr).AddrPort() }
+
+// Close closes the socket.
+func (c *UDPConn) Close() error { return c.c.Close() }
+
+// GetHTTP sends GET url from inside the namespace, on a new connection,
+// and returns the status and body; timeout bounds the whole exchange.
+func (ns *NS) GetHTTP(url string, timeout time.Duration) (int, string, error) {
+	deadline := time.Now().Add(timeout)
+	client := &http.Client{
+		Timeout: timeout,
+		Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(_ context.Context, network, addr string) (net.Conn, error) {
+				return ns.dial(network, addr, deadline)
+			},
+		},
+	}
+	resp, err := client.Get(url)
+	if err != nil {
+		return 0, "", ns.opError("http get", url, err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil {
+		return resp.StatusCode, "", ns.opError("http get", url, err)
+	}
+	return resp.StatusCode, string(body), nil
+}
+
+// AskHTTP is GetHTTP of a ListenHTTP server: it wants a 200 and returns
+// the Reply in the body.
+func (ns *NS) AskHTTP(url string, timeout time.Duration) (Reply, error) {
+	status, body, err := ns.GetHTTP(url, timeout)
+	if err != nil {
+		return Reply{}, err
+	}
+	if status != http.StatusOK {
+		return Reply{}, ns.opError("http get", url, fmt.Errorf("status %d: %s", status, body))
+	}
+	r, err := parseReply(body)
+	if err != nil {
+		return Reply{}, ns.opError("http get", url, err)
 	}
 	return r, nil
 }

@@ -5,6 +5,7 @@
 package testenv
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -91,22 +92,31 @@ func Start(t testing.TB) *Env {
 // root), as `kubectl kustomize` does, into unstructured objects.
 func Kustomize(t testing.TB, dir string) []*unstructured.Unstructured {
 	t.Helper()
+	objects, err := Render(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return objects
+}
+
+// Render is Kustomize for code without a testing.TB.
+func Render(dir string) ([]*unstructured.Unstructured, error) {
 	resources, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).
 		Run(filesys.MakeFsOnDisk(), filepath.Join(RepoRoot(), dir))
 	if err != nil {
-		t.Fatalf("kustomize %s: %v", dir, err)
+		return nil, fmt.Errorf("kustomize %s: %w", dir, err)
 	}
 	var objects []*unstructured.Unstructured
 	for _, r := range resources.Resources() {
 		raw, err := r.MarshalJSON()
 		if err != nil {
-			t.Fatalf("kustomize %s: %s: %v", dir, r.CurId(), err)
+			return nil, fmt.Errorf("kustomize %s: %s: %w", dir, r.CurId(), err)
 		}
 		u := &unstructured.Unstructured{}
 		if err := u.UnmarshalJSON(raw); err != nil {
-			t.Fatalf("kustomize %s: %s: %v", dir, r.CurId(), err)
+			return nil, fmt.Errorf("kustomize %s: %s: %w", dir, r.CurId(), err)
 		}
 		objects = append(objects, u)
 	}
-	return objects
+	return objects, nil
 }

@@ -67,6 +67,14 @@ envtest-assets: ## Build kube-apiserver and etcd for envtest into bin/k8s (no in
 test: vet ## Run every test this machine can run (unit, envtest; kernel tests need root).
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 $(GOTEST_FLAGS) ./...
 
+.PHONY: test-e2e
+test-e2e: ## Only the end-to-end tests: the real agent on a cluster of network namespaces (root; part of `make test` too).
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 -v $(GOTEST_FLAGS) ./test/e2e/...
+
+.PHONY: test-kind
+test-kind: ## The scenarios against a real kind cluster without kube-proxy (needs Docker, kind, kubectl; skips without Docker).
+	test/kind/run.sh
+
 .PHONY: bench
 bench: ## The real agent against a real API server at 1k/10k/50k Services, ~10 min (BENCH_SCALES=1000,10000 for less): report in bin/bench (root).
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go run ./test/bench -out $(LOCALBIN)/bench $(BENCH_FLAGS)
@@ -87,6 +95,11 @@ build: ## Build the agent binary into bin/nftproxy.
 .PHONY: run
 run: build ## Run the agent against the cluster of $KUBECONFIG (ARGS='--node-name=...' adds flags).
 	$(LOCALBIN)/nftproxy $(ARGS)
+
+.PHONY: demo
+demo: build ## Show it working: a cluster of network namespaces, Services, traffic, the rules; until Ctrl-C (DEMO_FLAGS=--once for one pass; root).
+	go build -o $(LOCALBIN)/demo ./hack/demo
+	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" $(LOCALBIN)/demo --agent $(LOCALBIN)/nftproxy $(DEMO_FLAGS)
 
 .PHONY: run-local
 run-local: build ## Run the agent against a throwaway local API server until Ctrl-C (no cluster needed).

@@ -70,7 +70,9 @@ func (n *Node) StartAgent(extra ...string) error {
 	args = append(args, extra...)
 	a.cmd = exec.Command(c.opts.Agent, args...)
 	a.cmd.Stdout, a.cmd.Stderr = log, log
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Its own process group, so a Ctrl-C meant for the demo does not
+	// reach it; Close stops it.
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	// Pdeathsig fires when the thread that forked the child ends, and Go
 	// ends threads whose goroutine exits locked (as netns.Do's do): fork
 	// from a thread of our own, locked until the agent has exited.

@@ -20,6 +20,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -119,10 +120,14 @@ func Start(ctx context.Context, opts Options) (c *Cluster, err error) {
 		}
 	}()
 	if c.dir == "" {
+		sweepStale()
 		if c.dir, err = os.MkdirTemp("", "nftproxy-e2e-"); err != nil {
 			return c, err
 		}
 		c.ownDir = true
+		if err := os.WriteFile(filepath.Join(c.dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
+			return c, err
+		}
 	}
 	c.logf("starting kube-apiserver and etcd")
 	if err := c.startAPI(ctx); err != nil {
@@ -180,6 +185,7 @@ func (c *Cluster) startAPI(ctx context.Context) error {
 		return err
 	}
 	apiserver.Configure().Set("service-cluster-ip-range", serviceRanges)
+	c.Env.ControlPlane.Etcd = &envtest.Etcd{DataDir: filepath.Join(c.dir, "etcd")}
 	if _, err := c.Env.Start(); err != nil {
 		c.Env = nil
 		return fmt.Errorf("starting the API server: %w", err)

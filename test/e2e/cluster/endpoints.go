@@ -20,6 +20,10 @@ import (
 type Endpoint struct {
 	Pod   *Pod
 	State EndpointState
+	// ForZones, when set, are the endpoint's topology hints, as the
+	// EndpointSlice controller writes them for trafficDistribution
+	// PreferClose.
+	ForZones []string
 }
 
 // EndpointState is an endpoint's conditions, as the endpoint controller
@@ -97,6 +101,7 @@ func (c *Cluster) SetEndpoints(ctx context.Context, svc *corev1.Service, eps []E
 				NodeName:   ptr.To(ep.Pod.Node.Name),
 				Zone:       ptr.To(ep.Pod.Node.Zone),
 				TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: svc.Namespace, Name: ep.Pod.Name},
+				Hints:      hints(ep.ForZones),
 			})
 		}
 		if err := c.apply(ctx, slice); err != nil {
@@ -133,4 +138,15 @@ func targetPort(sp corev1.ServicePort) (int32, error) {
 	default:
 		return sp.Port, nil
 	}
+}
+
+func hints(zones []string) *discoveryv1.EndpointHints {
+	if len(zones) == 0 {
+		return nil
+	}
+	h := &discoveryv1.EndpointHints{}
+	for _, z := range zones {
+		h.ForZones = append(h.ForZones, discoveryv1.ForZone{Name: z})
+	}
+	return h
 }

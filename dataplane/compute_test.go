@@ -396,8 +396,20 @@ func TestPortSummaries(t *testing.T) {
 	if want := []netip.AddrPort{netip.MustParseAddrPort("10.1.0.21:5353"), netip.MustParseAddrPort("[fd00:10::21]:5353")}; !slices.Equal(udp, want) {
 		t.Errorf("kube-dns UDP endpoints %v, want %v", udp, want)
 	}
+	// lb's only local endpoint is terminating: the rules fall back to it,
+	// but the health check must fail so load balancers drain the node.
 	got := rs.Services[lbKey]
-	if got.HealthCheckNodePort != 32000 || got.LocalEndpoints() != 1 {
-		t.Errorf("lb: health check port %d with %d local endpoints, want 32000 with 1 (the terminating fallback)", got.HealthCheckNodePort, got.LocalEndpoints())
+	if got.HealthCheckNodePort != 32000 || got.LocalEndpoints() != 0 {
+		t.Errorf("lb: health check port %d with %d local endpoints, want 32000 with 0 (the terminating endpoint does not count)", got.HealthCheckNodePort, got.LocalEndpoints())
+	}
+	if eps := got.Ports[0].Endpoints; len(eps) != 1 {
+		t.Errorf("lb: endpoints %v, want the terminating one (the fallback)", eps)
+	}
+	lb = lb.DeepCopy()
+	snap.Services[lbKey] = ServiceState{Service: lb, Slices: []*discoveryv1.EndpointSlice{
+		slice(lb, "lb-1", discoveryv1.AddressTypeIPv4, []string{"8080"}, terminating("10.1.0.31"), ready("10.1.0.32"), ep{addr: "10.1.0.33", node: testNode}),
+	}}
+	if got := Compute(snap).Services[lbKey]; got.LocalEndpoints() != 1 {
+		t.Errorf("lb with one ready, one terminating and one unready endpoint: %d local endpoints, want 1", got.LocalEndpoints())
 	}
 }

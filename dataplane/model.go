@@ -119,15 +119,17 @@ type PortSummary struct {
 	NodePort uint16
 	// Endpoints are every endpoint traffic to this port may be sent to.
 	Endpoints []netip.AddrPort
-	// LocalEndpoints counts the usable endpoints on this node.
+	// LocalEndpoints counts the ready endpoints on this node; the
+	// serving terminating ones the rules fall back to do not count.
 	LocalEndpoints int
 	// AffinityTimeout is the ClientIP session affinity timeout in
 	// seconds, 0 without affinity.
 	AffinityTimeout uint32
 }
 
-// LocalEndpoints is the Service's count of usable endpoints on this node:
-// the most over its ports and families, as health checks report it.
+// LocalEndpoints is the Service's count of ready endpoints on this node:
+// the most over its ports and families, as health checks report it (0, a
+// failing check, when all of them are terminating).
 func (r *ServiceRules) LocalEndpoints() int {
 	n := 0
 	for _, p := range r.Ports {

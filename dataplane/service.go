@@ -238,6 +238,21 @@ func clusterEndpoints(eps []endpoint, s *settings) []endpoint {
 	return usableEndpoints(eps)
 }
 
+// countReady counts the ready endpoints of eps: what the health check
+// reports. The terminating endpoints the rules fall back to do not count,
+// so a node whose local endpoints are all terminating fails its health
+// check and load balancers drain it, while it still serves them what
+// arrives meanwhile (KEP-1669, as kube-proxy's LocalReadyEndpoints).
+func countReady(eps []endpoint) int {
+	n := 0
+	for _, ep := range eps {
+		if ep.ready {
+			n++
+		}
+	}
+	return n
+}
+
 // localEndpoints are the usable endpoints on this node, the fallback to
 // terminating ones decided among the local endpoints alone.
 func localEndpoints(eps []endpoint, s *settings) []endpoint {
@@ -543,7 +558,7 @@ func (fr *fragment) addServicePort(key types.NamespacedName, f Family, vip netip
 	usesLocal := (internalLocal || externalLocal) && len(local) > 0
 
 	summary := PortSummary{Family: f, Proto: proto, Frontends: []netip.AddrPort{netip.AddrPortFrom(vip, uint16(port.Port))},
-		NodePort: nodePort, LocalEndpoints: len(local), AffinityTimeout: pol.affinity}
+		NodePort: nodePort, LocalEndpoints: countReady(local), AffinityTimeout: pol.affinity}
 	for _, ext := range external {
 		summary.Frontends = append(summary.Frontends, netip.AddrPortFrom(ext.addr, uint16(port.Port)))
 	}

@@ -210,7 +210,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		if period == 0 {
 			period = statusPeriod
 		}
-		reporter := &nodeReporter{client: mgr.GetClient(), namespace: opts.StatusNamespace, node: opts.NodeName,
+		reporter := &nodeReporter{client: mgr.GetClient(), reader: mgr.GetAPIReader(), namespace: opts.StatusNamespace, node: opts.NodeName,
 			config: opts.ConfigName, syncer: a.Syncer, log: ctrl.Log.WithName("report"), poll: min(reportPoll, period)}
 		writer := &statusWriter{client: mgr.GetClient(), reader: mgr.GetAPIReader(), namespace: opts.StatusNamespace,
 			config: opts.ConfigName, period: period, log: ctrl.Log.WithName("status")}

@@ -73,7 +73,11 @@ func reportOf(config string, st Status, healthy error) nodeReport {
 // nodeReporter keeps this agent's Lease in step with its syncer. Every
 // agent runs one.
 type nodeReporter struct {
-	client    client.Client
+	client client.Client
+	// reader reads the node's own Lease, uncached: a cached read would
+	// make the agent watch every Lease in the cluster (one per node in
+	// kube-node-lease alone), which its RBAC rightly forbids.
+	reader    client.Reader
 	namespace string
 	node      string
 	config    string
@@ -126,7 +130,7 @@ func (r *nodeReporter) Start(ctx context.Context) error {
 func (r *nodeReporter) write(ctx context.Context, report nodeReport) error {
 	now := metav1.NewMicroTime(time.Now())
 	lease := &coordinationv1.Lease{}
-	err := r.client.Get(ctx, client.ObjectKey{Namespace: r.namespace, Name: r.leaseName()}, lease)
+	err := r.reader.Get(ctx, client.ObjectKey{Namespace: r.namespace, Name: r.leaseName()}, lease)
 	create := apierrors.IsNotFound(err)
 	if err != nil && !create {
 		return err

@@ -1,7 +1,8 @@
 # The nftproxy agent: a static binary on a minimal base image. It runs as
 # root with only NET_ADMIN (see config/manager/daemonset.yaml): Kubernetes
 # gives no ambient capabilities to non-root processes.
-FROM golang:1.26 AS build
+# The Go release of go.mod's go line (test/kind checks that they match).
+FROM golang:1.26.8 AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download

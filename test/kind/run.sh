@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# `make test-kind`: nftproxy on a real kind cluster without kube-proxy.
+#
+# Builds the image, creates the kind cluster of kind-config.yaml, loads the
+# image into its nodes, deploys config/default through a generated overlay
+# (the local image, imagePullPolicy IfNotPresent, the API server address of
+# this cluster) and the sample ProxyConfig, waits for the agents, the nodes
+# and CoreDNS, then runs the Go scenarios of kind_test.go against it.
+# Without Docker, kind or kubectl it prints why and exits 0.
+#
+# Environment:
+#   KIND_CLUSTER      cluster name (default nftproxy-e2e)
+#   KEEP_CLUSTER      when set: reuse the cluster if it exists, keep it at
+#                     the end (its kubeconfig is bin/kind/<cluster>/kubeconfig)
+#   KIND_IP_FAMILY    dual (default, kind-config.yaml) or ipv4
+#                     (kind-config-ipv4.yaml, for Docker without IPv6)
+#   KIND_NODE_IMAGE   kind node image (default: the kind release's own)
+#   NFTPROXY_KIND_IMG agent image tag (default nftproxy:kind-<git describe>)
+#   GOTEST_FLAGS      extra `go test` flags, e.g. '-run TestClusterIP'
+set -euo pipefail
+
+skip() {
+	echo "skipping kind tests: $*"
+	exit 0
+}
+
+command -v docker >/dev/null 2>&1 || skip "no docker CLI in PATH"
+docker info >/dev/null 2>&1 || skip "no Docker daemon (docker info failed)"
+command -v kind >/dev/null 2>&1 || skip "no kind in PATH (https://kind.sigs.k8s.io/docs/user/quick-start/#installation)"
+command -v kubectl >/dev/null 2>&1 || skip "no kubectl in PATH"
+if ! command -v go >/dev/null 2>&1; then
+	echo "test/kind/run.sh needs go to run the scenarios" >&2
+	exit 1
+fi
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+CLUSTER=${KIND_CLUSTER:-nftproxy-e2e}
+case ${KIND_IP_FAMILY:-dual} in
+dual) KIND_CONFIG=test/kind/kind-config.yaml ;;
+ipv4) KIND_CONFIG=test/kind/kind-config-ipv4.yaml ;;
+*)
+	echo "KIND_IP_FAMILY must be dual or ipv4, not ${KIND_IP_FAMILY}" >&2
+	exit 1
+	;;
+esac
+IMG=${NFTPROXY_KIND_IMG:-nftproxy:kind-$(git describe --always --dirty 2>/dev/null || echo dev)}
+if [[ ${IMG##*/} != *:* ]]; then
+	echo "NFTPROXY_KIND_IMG must be name:tag, not $IMG" >&2
+	exit 1
+fi
+# kind's kubeadm config: controlPlaneEndpoint "<cluster>-control-plane:6443"
+# (one control plane); Docker's DNS resolves the name on every node.
+APISERVER_HOST=${CLUSTER}-control-plane
+APISERVER_PORT=6443
+
+# Everything of this run lives here; nothing touches ~/.kube/config.
+WORK=$ROOT/bin/kind/$CLUSTER
+KUBECONFIG_FILE=$WORK/kubeconfig
+mkdir -p "$WORK"
+k() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+log() { echo "--- $*"; }
+
+log "building image $IMG"
+make docker-build IMG="$IMG"
+
+created=
+if kind get clusters 2>/dev/null | grep -qx -- "$CLUSTER"; then
+	if [[ -z ${KEEP_CLUSTER:-} ]]; then
+		echo "kind cluster $CLUSTER already exists: delete it (kind delete cluster --name $CLUSTER)," >&2
+		echo "set KEEP_CLUSTER=1 to reuse it, or choose another KIND_CLUSTER" >&2
+		exit 1
+	fi
+	log "reusing kind cluster $CLUSTER"
+	kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG_FILE"
+else
+	log "creating kind cluster $CLUSTER from $KIND_CONFIG"
+	created=1
+fi
+
+cleanup() {
+	local rc=$?
+	if ((rc != 0)); then
+		diagnostics || true
+	fi
+	if [[ -n ${KEEP_CLUSTER:-} ]]; then
+		log "keeping kind cluster $CLUSTER: kubectl --kubeconfig $KUBECONFIG_FILE ...; kind delete cluster --name $CLUSTER"
+	elif [[ -n $created ]]; then
+		log "deleting kind cluster $CLUSTER"
+		kind delete cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" || true
+	fi
+	exit "$rc"
+}
+
+# diagnostics prints what helps to tell why a run failed.
+diagnostics() {
+	[[ -s $KUBECONFIG_FILE ]] || return 0
+	log "diagnostics: nodes, pods, nftproxy logs and tables"
+	k get nodes -o wide || true
+	k get pods -A -o wide || true
+	k get proxyconfigs -o yaml || true
+	k -n nftproxy-system logs -l app.kubernetes.io/name=nftproxy --prefix --tail=50 || true
+	local node
+	for node in $(kind get nodes --name "$CLUSTER" 2>/dev/null); do
+		echo "### $node: nft list table inet nftproxy"
+		docker exec "$node" nft list table inet nftproxy 2>&1 | head -n 200 || true
+	done
+}
+
+trap cleanup EXIT
+if [[ -n $created ]]; then
+	# No --wait: the nodes' readiness and CoreDNS are waited for below,
+	# once nftproxy runs (CoreDNS reaches the API server by its ClusterIP).
+	kind create cluster --name "$CLUSTER" --config "$KIND_CONFIG" --kubeconfig "$KUBECONFIG_FILE" \
+		${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"}
+fi
+
+if k -n kube-system get daemonset kube-proxy >/dev/null 2>&1; then
+	echo "cluster $CLUSTER runs kube-proxy: nftproxy must be the only service proxy (kubeProxyMode: none)" >&2
+	exit 1
+fi
+
+log "loading $IMG into the nodes"
+kind load docker-image "$IMG" --name "$CLUSTER"
+
+# The overlay: config/default with the local image, never pulled, and this
+# cluster's API server (config/default says "kind-control-plane").
+OVERLAY=$WORK/overlay
+mkdir -p "$OVERLAY"
+cat >"$OVERLAY/kustomization.yaml" <<EOF
+# Generated by test/kind/run.sh for kind cluster $CLUSTER; do not edit.
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+- ../../../../config/default
+images:
+# config/manager/kustomization.yaml names the image ghcr.io/nftproxy/nftproxy.
+- name: ghcr.io/nftproxy/nftproxy
+  newName: ${IMG%:*}
+  newTag: ${IMG##*:}
+patches:
+- target:
+    kind: DaemonSet
+    name: nftproxy
+  patch: |-
+    apiVersion: apps/v1
+    kind: DaemonSet
+    metadata:
+      name: nftproxy
+    spec:
+      template:
+        spec:
+          containers:
+          - name: nftproxy
+            imagePullPolicy: IfNotPresent
+            env:
+            - name: KUBERNETES_SERVICE_HOST
+              value: "$APISERVER_HOST"
+            - name: KUBERNETES_SERVICE_PORT
+              value: "$APISERVER_PORT"
+EOF
+# Check what kubectl will apply: a renamed image in config/manager would
+# otherwise leave the DaemonSet pulling the published image.
+rendered=$(kubectl kustomize "$OVERLAY" | sed 's/^ *//')
+for want in "image: $IMG" "imagePullPolicy: IfNotPresent" "value: $APISERVER_HOST"; do
+	if ! grep -Fqx -- "$want" <<<"$rendered"; then
+		echo "the overlay $OVERLAY renders no line \"$want\":" >&2
+		grep -E '^(image|imagePullPolicy|- name: KUBERNETES|value)' <<<"$rendered" >&2 || true
+		exit 1
+	fi
+done
+
+log "deploying nftproxy ($OVERLAY) and the sample ProxyConfig"
+k apply -k "$OVERLAY"
+k wait --for=condition=Established --timeout=60s crd/proxyconfigs.proxy.nftproxy.io
+k apply -k config/samples
+# A reused cluster may run an older image under the same tag.
+if [[ -z $created ]]; then
+	k -n nftproxy-system rollout restart daemonset/nftproxy
+fi
+
+log "waiting for the agents, the nodes and CoreDNS"
+k -n nftproxy-system rollout status daemonset/nftproxy --timeout=5m
+k wait --for=condition=Ready nodes --all --timeout=5m
+k -n kube-system rollout status deployment/coredns --timeout=5m
+
+log "running the scenarios (go test ./test/kind/)"
+# shellcheck disable=SC2086 # GOTEST_FLAGS is a list of flags.
+NFTPROXY_KIND_KUBECONFIG=$KUBECONFIG_FILE go test -count=1 -v -timeout 30m ${GOTEST_FLAGS:-} ./test/kind/

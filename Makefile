@@ -72,8 +72,8 @@ test-e2e: ## Only the end-to-end tests: the real agent on a cluster of network n
 	KUBEBUILDER_ASSETS="$$(hack/envtest-assets.sh)" go test -count=1 -v $(GOTEST_FLAGS) ./test/e2e/...
 
 .PHONY: test-kind
-test-kind: ## The scenarios against a real kind cluster without kube-proxy (needs Docker, kind, kubectl; skips without Docker).
-	test/kind/run.sh
+test-kind: ## The scenarios against a real kind cluster without kube-proxy (needs Docker, kind, kubectl; skips without them).
+	GOTEST_FLAGS="$(GOTEST_FLAGS)" test/kind/run.sh
 
 .PHONY: bench
 bench: ## The real agent against a real API server at 1k/10k/50k Services, ~10 min (BENCH_SCALES=1000,10000 for less): report in bin/bench (root).

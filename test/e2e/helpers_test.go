@@ -31,8 +31,6 @@ const (
 	converge = 30 * time.Second
 	// answer bounds one request that should succeed.
 	answer = 2 * time.Second
-	// silence is how long a request that should be dropped is given.
-	silence = 1500 * time.Millisecond
 )
 
 // namespace creates a Kubernetes namespace for the test, named after it;
@@ -207,7 +205,7 @@ func refused(t *testing.T, what string, a ask) {
 			}
 			return nil
 		default:
-			return fmt.Errorf("not refused: %v", err)
+			return fmt.Errorf("not refused: %w", err)
 		}
 	})
 }
@@ -221,7 +219,7 @@ func dropped(t *testing.T, what string, a ask) {
 		case err == nil:
 			return fmt.Errorf("answered by %s", r)
 		case !errors.Is(err, os.ErrDeadlineExceeded):
-			return fmt.Errorf("failed, but not by a timeout: %v", err)
+			return fmt.Errorf("failed, but not by a timeout: %w", err)
 		}
 		return nil
 	})

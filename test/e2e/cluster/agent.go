@@ -135,7 +135,7 @@ func (a *Agent) WaitReady(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		if !a.Running() {
-			return fmt.Errorf("%s: the agent exited: %v; log %s:\n%s", a.Node.Name, a.err, a.LogPath, a.LogTail(30))
+			return fmt.Errorf("%s: the agent exited: %w; log %s:\n%s", a.Node.Name, a.err, a.LogPath, a.LogTail(30))
 		}
 		if a.Probe("/readyz") == nil {
 			return nil

@@ -73,7 +73,7 @@ func (c *Cluster) SetEndpoints(ctx context.Context, svc *corev1.Service, eps []E
 	for _, sp := range svc.Spec.Ports {
 		port, err := targetPort(sp)
 		if err != nil {
-			return fmt.Errorf("Service %s/%s: %w", svc.Namespace, svc.Name, err)
+			return fmt.Errorf("service %s/%s: %w", svc.Namespace, svc.Name, err)
 		}
 		ports = append(ports, discoveryv1.EndpointPort{Name: ptr.To(sp.Name), Port: ptr.To(port), Protocol: ptr.To(sp.Protocol)})
 	}

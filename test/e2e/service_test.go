@@ -8,6 +8,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
@@ -74,6 +76,58 @@ func TestServiceMultiPortNamedTargetPort(t *testing.T) {
 			}
 		}
 		reaches(t, n.Name+" to port 80 over HTTP", askHTTP(n.NS, "http://"+hostPort(vip, 80)+"/"), backends...)
+	}
+}
+
+// TestServiceNamedTargetPortPerSlice: a named targetPort takes its number
+// from each EndpointSlice, not from the Service: with one slice of pods
+// whose port is 8080 and another whose port (same name) is 5353, as in a
+// rollout that renumbers the container port, every flow goes to its
+// endpoint's own port, as conntrack on the client's node shows.
+func TestServiceNamedTargetPortPerSlice(t *testing.T) {
+	c := use(t)
+	ns := namespace(t, c)
+	svc := createService(t, c, ns, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "renumbered"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{tcpPort("web", 80, intstr.FromString("web"))}},
+	})
+	old, renumbered := c.Nodes[0].Pods[0], c.Nodes[1].Pods[1]
+	for _, s := range []struct {
+		name string
+		pod  *cluster.Pod
+		port int32
+	}{{"old", old, cluster.EchoPort}, {"new", renumbered, cluster.DNSPort}} {
+		slice := &discoveryv1.EndpointSlice{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: svc.Name + "-" + s.name, Labels: map[string]string{
+				discoveryv1.LabelServiceName: svc.Name, discoveryv1.LabelManagedBy: "e2e.nftproxy.io"}},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("web"), Port: ptr.To(s.port), Protocol: ptr.To(corev1.ProtocolTCP)}},
+			Endpoints: []discoveryv1.Endpoint{{
+				Addresses:  []string{s.pod.IPv4.String()},
+				Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)},
+				NodeName:   ptr.To(s.pod.Node.Name),
+			}},
+		}
+		if err := c.API.Create(context.Background(), slice); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip := hostPort(svc.Spec.ClusterIP, 80)
+	client := c.Nodes[2].Pods[0]
+	reaches(t, "pod to the Service", askTCP(client.NS, vip), old, renumbered)
+	want := map[string]uint16{old.Name: cluster.EchoPort, renumbered.Name: cluster.DNSPort}
+	seen := map[string]bool{}
+	for i := 0; len(seen) < 2; i++ {
+		if i == 40 {
+			t.Fatalf("40 connections reached only %v", keys(seen))
+		}
+		conn, r, err := client.DialTCP(vip, answer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		svcCheckConntrack(t, c, client, "tcp", conn.LocalAddr(), vip, r.Server, want[r.Server])
+		_ = conn.Close()
+		seen[r.Server] = true
 	}
 }
 

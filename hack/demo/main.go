@@ -50,13 +50,13 @@ func run(ctx context.Context, out io.Writer, agent string, nodes, pods, requests
 	if _, err := os.Stat(agent); err != nil {
 		return fmt.Errorf("no agent binary: %w (`make demo` builds it)", err)
 	}
-	fmt.Fprintln(out, "== Bringing up a cluster in network namespaces")
+	fmt.Println("== Bringing up a cluster in network namespaces")
 	c, err := cluster.Start(ctx, cluster.Options{Agent: agent, Nodes: nodes, PodsPerNode: pods, Log: prefixed(out, "   ")})
 	if err != nil {
 		return err
 	}
 	defer func() {
-		fmt.Fprintln(out, "\n== Removing the cluster")
+		fmt.Println("\n== Removing the cluster")
 		err = errors.Join(err, c.Close())
 	}()
 	if err := ctx.Err(); err != nil {
@@ -70,43 +70,45 @@ func run(ctx context.Context, out io.Writer, agent string, nodes, pods, requests
 	podClient := c.Nodes[len(c.Nodes)-1].Pods[0]
 	nodePort := web.Spec.Ports[0].NodePort
 
-	fmt.Fprintf(out, "\n== Service demo/web: ClusterIP %s port 80, NodePort %d, endpoints: every pod (HTTP)\n", web.Spec.ClusterIP, nodePort)
-	if err := spread(ctx, out, fmt.Sprintf("from pod %s to http://%s/", podClient.Name, web.Spec.ClusterIP), requests,
-		func() (netnstest.Reply, error) { return podClient.AskHTTP("http://"+web.Spec.ClusterIP+"/", 2*time.Second) }); err != nil {
+	fmt.Printf("\n== Service demo/web: ClusterIP %s port 80, NodePort %d, endpoints: every pod (HTTP)\n", web.Spec.ClusterIP, nodePort)
+	if err := spread(ctx, fmt.Sprintf("from pod %s to http://%s/", podClient.Name, web.Spec.ClusterIP), requests,
+		func() (netnstest.Reply, error) {
+			return podClient.AskHTTP("http://"+web.Spec.ClusterIP+"/", 2*time.Second)
+		}); err != nil {
 		return err
 	}
 	for _, n := range c.Nodes {
 		url := fmt.Sprintf("http://%s:%d/", n.IPv4, nodePort)
-		if err := spread(ctx, out, fmt.Sprintf("from the client %s (outside the cluster) to %s", cluster.ClientIPv4, url), requests,
+		if err := spread(ctx, fmt.Sprintf("from the client %s (outside the cluster) to %s", cluster.ClientIPv4, url), requests,
 			func() (netnstest.Reply, error) { return c.Client.AskHTTP(url, 2*time.Second) }); err != nil {
 			return err
 		}
 	}
-	fmt.Fprintln(out, "   (a pod sees the client's own address; from outside, the node's address: NodePort traffic is masqueraded)")
+	fmt.Println("   (a pod sees the client's own address; from outside, the node's address: NodePort traffic is masqueraded)")
 
-	fmt.Fprintf(out, "\n== Service demo/dns: ClusterIP %s, 53/UDP and 53/TCP, endpoints: %s and %s\n", dns.Spec.ClusterIP, c.Nodes[0].Pods[0].Name, c.Nodes[len(c.Nodes)-1].Pods[len(c.Nodes[len(c.Nodes)-1].Pods)-1].Name)
+	fmt.Printf("\n== Service demo/dns: ClusterIP %s, 53/UDP and 53/TCP, endpoints: %s and %s\n", dns.Spec.ClusterIP, c.Nodes[0].Pods[0].Name, c.Nodes[len(c.Nodes)-1].Pods[len(c.Nodes[len(c.Nodes)-1].Pods)-1].Name)
 	dnsAddr := fmt.Sprintf("%s:53", dns.Spec.ClusterIP)
-	if err := spread(ctx, out, fmt.Sprintf("from pod %s, UDP %s", c.Nodes[0].Pods[0].Name, dnsAddr), requests,
+	if err := spread(ctx, fmt.Sprintf("from pod %s, UDP %s", c.Nodes[0].Pods[0].Name, dnsAddr), requests,
 		func() (netnstest.Reply, error) { return c.Nodes[0].Pods[0].AskUDP(dnsAddr, 2*time.Second) }); err != nil {
 		return err
 	}
-	if err := spread(ctx, out, fmt.Sprintf("from node %s, TCP %s", c.Nodes[0].Name, dnsAddr), requests,
+	if err := spread(ctx, fmt.Sprintf("from node %s, TCP %s", c.Nodes[0].Name, dnsAddr), requests,
 		func() (netnstest.Reply, error) { return c.Nodes[0].NS.AskTCP(dnsAddr, 2*time.Second) }); err != nil {
 		return err
 	}
 
 	node := c.Nodes[0]
-	fmt.Fprintf(out, "\n== The table nftproxy wrote on %s (nft list table inet nftproxy)\n", node.Name)
+	fmt.Printf("\n== The table nftproxy wrote on %s (nft list table inet nftproxy)\n", node.Name)
 	if table, err := node.NS.Run("nft", "list", "table", "inet", "nftproxy"); err != nil {
-		fmt.Fprintf(out, "   (cannot list it: %v; install nftables for the nft command)\n", err)
+		fmt.Printf("   (cannot list it: %v; install nftables for the nft command)\n", err)
 	} else {
-		fmt.Fprint(out, table)
+		fmt.Print(table)
 	}
 
 	if once {
 		return nil
 	}
-	fmt.Fprintf(out, "\n== Up until Ctrl-C. Look around, in another shell (as root):\n"+
+	fmt.Printf("\n== Up until Ctrl-C. Look around, in another shell (as root):\n"+
 		"   ip netns exec %s curl http://%s:%d/            # the client, through a NodePort\n"+
 		"   ip netns exec %s nft list table inet nftproxy   # %s's rules\n"+
 		"   kubectl --kubeconfig %s get services,endpointslices -n demo\n"+
@@ -155,7 +157,7 @@ func createServices(ctx context.Context, c *cluster.Cluster) (web, dns *corev1.S
 // source address it saw. The agents take milliseconds to program a new
 // Service; the first requests may come before that, so it waits for the
 // first answer.
-func spread(ctx context.Context, out io.Writer, what string, requests int, ask func() (netnstest.Reply, error)) error {
+func spread(ctx context.Context, what string, requests int, ask func() (netnstest.Reply, error)) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		_, err := ask()
@@ -182,9 +184,9 @@ func spread(ctx context.Context, out io.Writer, what string, requests int, ask f
 		names = append(names, n)
 	}
 	sort.Strings(names)
-	fmt.Fprintf(out, "   %s: %d requests\n", what, requests)
+	fmt.Printf("   %s: %d requests\n", what, requests)
 	for _, n := range names {
-		fmt.Fprintf(out, "     %-12s %3d  %s  (saw the request come from %s)\n", n, counts[n], strings.Repeat("#", counts[n]), sources[n])
+		fmt.Printf("     %-12s %3d  %s  (saw the request come from %s)\n", n, counts[n], strings.Repeat("#", counts[n]), sources[n])
 	}
 	return nil
 }

@@ -55,4 +55,3 @@ func TestProxyConfigStatusCountsEveryNode(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 }
-

@@ -40,18 +40,18 @@ func main() {
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Stdout, *agent, *nodes, *pods, *requests, *once); err != nil {
+	if err := run(ctx, *agent, *nodes, *pods, *requests, *once); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, out io.Writer, agent string, nodes, pods, requests int, once bool) (err error) {
+func run(ctx context.Context, agent string, nodes, pods, requests int, once bool) (err error) {
 	if _, err := os.Stat(agent); err != nil {
 		return fmt.Errorf("no agent binary: %w (`make demo` builds it)", err)
 	}
 	fmt.Println("== Bringing up a cluster in network namespaces")
-	c, err := cluster.Start(ctx, cluster.Options{Agent: agent, Nodes: nodes, PodsPerNode: pods, Log: prefixed(out, "   ")})
+	c, err := cluster.Start(ctx, cluster.Options{Agent: agent, Nodes: nodes, PodsPerNode: pods, Log: prefixed(os.Stdout, "   ")})
 	if err != nil {
 		return err
 	}

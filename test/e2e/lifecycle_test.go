@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -335,6 +336,10 @@ func TestAPIServerAway(t *testing.T) {
 	for _, n := range c.Nodes {
 		pids[n.Name] = n.Agent.Pid()
 	}
+	// Some agent is elected (after agents were killed, the lease of the
+	// dead one has to expire first): the outage is to find it holding the
+	// lease.
+	lcWaitLeader(t, c)
 
 	fromPod := lcStartLoop(t, "pod to ClusterIP", askTCP(client.NS, vip))
 	fromClient := lcStartLoop(t, "client to NodePort", askTCP(c.Client, nodePort))
@@ -407,6 +412,38 @@ func TestAPIServerAway(t *testing.T) {
 			}
 		}
 	}
+}
+
+// lcWaitLeader waits until a live agent holds the leader election Lease:
+// one that renews it (every 2 s), not one killed before its lease expired.
+func lcWaitLeader(t *testing.T, c *cluster.Cluster) {
+	t.Helper()
+	get := func() (holder string, renewed time.Time, err error) {
+		var lease coordinationv1.Lease
+		err = c.API.Get(context.Background(), client.ObjectKey{Namespace: "nftproxy-system", Name: "nftproxy-default"}, &lease)
+		if lease.Spec.RenewTime != nil {
+			renewed = lease.Spec.RenewTime.Time
+		}
+		return ptr.Deref(lease.Spec.HolderIdentity, ""), renewed, err
+	}
+	eventually(t, "an elected agent renewing its lease", func() error {
+		holder, first, err := get()
+		if err != nil {
+			return err
+		}
+		time.Sleep(2500 * time.Millisecond)
+		again, renewed, err := get()
+		switch {
+		case err != nil:
+			return err
+		case holder == "" || again != holder:
+			return fmt.Errorf("the leader Lease is held by %q, then %q", holder, again)
+		case !renewed.After(first):
+			return fmt.Errorf("the leader Lease of %s was not renewed in 2.5s (last %v)", holder, renewed)
+		}
+		t.Logf("leader: %s, renewing", holder)
+		return nil
+	})
 }
 
 // lcLogLines is the last n lines of the agent's log that contain word.

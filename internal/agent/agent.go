@@ -96,14 +96,9 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		Metrics:                 metricsOpts,
 		HealthProbeBindAddress:  opts.HealthProbeAddress,
 		PprofBindAddress:        opts.PprofAddress,
-		LeaderElection:          opts.LeaderElection,
-		LeaderElectionID:        "nftproxy-" + opts.ConfigName,
-		LeaderElectionNamespace: opts.LeaderElectionNamespace,
-		// Rules stay in the kernel when the agent stops: nothing to
-		// hand over but status writing, so a successor may take over at
-		// once.
-		LeaderElectionReleaseOnCancel: true,
-		Cache:                         cacheOptions(opts),
+		// No leader election of the manager's: it would end the agent
+		// when the API server is away; leaderDuties elects instead.
+		Cache: cacheOptions(opts),
 		// Controller names label metrics and must be unique per process;
 		// an agent has one manager, but tests run several agents.
 		Controller: config.Controller{SkipNameValidation: &skipNameValidation},
@@ -153,7 +148,15 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		return float64(n)
 	})
 	a.closers = append(a.closers, func() error { a.Metrics.unregister(registry); return nil })
-	reporter := newProblemReporter(mgr.GetEventRecorder("nftproxy"), mgr.Elected())
+	leader, err := newLeaderDuties(opts.RESTConfig, opts.LeaderElection, opts.LeaderElectionNamespace,
+		"nftproxy-"+opts.ConfigName, opts.NodeName, ctrl.Log.WithName("leader"))
+	if err != nil {
+		return nil, err
+	}
+	if err := mgr.Add(leader); err != nil {
+		return nil, err
+	}
+	reporter := newProblemReporter(mgr.GetEventRecorder("nftproxy"), leader.Leading)
 	hooks := []func(context.Context, SyncResult){a.Metrics.countObjects, reporter.afterSync}
 
 	healthOpts := []healthcheck.Option{
@@ -217,9 +220,7 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		if err := mgr.Add(reporter); err != nil {
 			return nil, err
 		}
-		if err := mgr.Add(writer); err != nil {
-			return nil, err
-		}
+		leader.add(writer.Start)
 	}
 
 	if err := mgr.AddHealthzCheck("rules-fresh", func(*http.Request) error { return a.Syncer.Healthy(time.Now()) }); err != nil {

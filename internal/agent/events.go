@@ -16,14 +16,14 @@ import (
 // gives one Event per problem rather than 5,000.
 type problemReporter struct {
 	recorder events.EventRecorder
-	// elected is closed once this agent may report.
-	elected <-chan struct{}
+	// leading reports whether this agent may report now.
+	leading func() bool
 	// reported are the problems last seen per Service, reported or not.
 	reported map[types.NamespacedName][]string
 }
 
-func newProblemReporter(recorder events.EventRecorder, elected <-chan struct{}) *problemReporter {
-	return &problemReporter{recorder: recorder, elected: elected, reported: map[types.NamespacedName][]string{}}
+func newProblemReporter(recorder events.EventRecorder, leading func() bool) *problemReporter {
+	return &problemReporter{recorder: recorder, leading: leading, reported: map[types.NamespacedName][]string{}}
 }
 
 func (p *problemReporter) afterSync(_ context.Context, r SyncResult) {
@@ -39,12 +39,7 @@ func (p *problemReporter) afterSync(_ context.Context, r SyncResult) {
 			}
 		}
 	}
-	leader := false
-	select {
-	case <-p.elected:
-		leader = true
-	default:
-	}
+	leader := p.leading()
 	for _, key := range keys {
 		rules := r.Ruleset.Services[key]
 		st, ok := r.Snapshot.Services[key]

@@ -175,10 +175,8 @@ type statusWriter struct {
 	log       logr.Logger
 }
 
-// NeedLeaderElection is true: one writer per ProxyConfig.
-func (w *statusWriter) NeedLeaderElection() bool { return true }
-
-// Start writes status until ctx ends (manager.Runnable).
+// Start writes status until ctx ends: while this agent leads (a leader
+// duty).
 func (w *statusWriter) Start(ctx context.Context) error {
 	tick := time.NewTicker(w.period)
 	defer tick.Stop()

@@ -92,10 +92,10 @@ func New(ctx context.Context, opts Options) (*Agent, error) {
 		metricsOpts.FilterProvider = filters.WithAuthenticationAndAuthorization
 	}
 	mgr, err := ctrl.NewManager(opts.RESTConfig, ctrl.Options{
-		Scheme:                  opts.Scheme,
-		Metrics:                 metricsOpts,
-		HealthProbeBindAddress:  opts.HealthProbeAddress,
-		PprofBindAddress:        opts.PprofAddress,
+		Scheme:                 opts.Scheme,
+		Metrics:                metricsOpts,
+		HealthProbeBindAddress: opts.HealthProbeAddress,
+		PprofBindAddress:       opts.PprofAddress,
 		// No leader election of the manager's: it would end the agent
 		// when the API server is away; leaderDuties elects instead.
 		Cache: cacheOptions(opts),

@@ -165,7 +165,7 @@ func TestUDPBackendReplacedConntrackCleared(t *testing.T) {
 		case err == nil:
 			return fmt.Errorf("answered by %s", r)
 		case !errors.Is(err, syscall.ECONNREFUSED):
-			return fmt.Errorf("not refused: %v", err)
+			return fmt.Errorf("not refused: %w", err)
 		}
 		return nil
 	})

@@ -146,6 +146,9 @@ func createServices(ctx context.Context, c *cluster.Cluster) (web, dns *corev1.S
 		if err := c.API.Create(ctx, s.svc); err != nil {
 			return nil, nil, fmt.Errorf("creating Service %s: %w", s.svc.Name, err)
 		}
+		if err := c.WaitProgrammed(ctx, s.svc, 30*time.Second); err != nil {
+			return nil, nil, err
+		}
 		if err := c.SetEndpoints(ctx, s.svc, cluster.ReadyPods(s.pods...)); err != nil {
 			return nil, nil, err
 		}

@@ -76,12 +76,16 @@ func udpPort(name string, port int32, target intstr.IntOrString) corev1.ServiceP
 }
 
 // createService creates svc in namespace ns and returns it as the API
-// server stored it (ClusterIPs, NodePorts and families allocated).
+// server stored it (ClusterIPs, NodePorts and families allocated), once
+// every node has programmed it (see cluster.WaitProgrammed for why).
 func createService(t *testing.T, c *cluster.Cluster, ns string, svc *corev1.Service) *corev1.Service {
 	t.Helper()
 	svc.Namespace = ns
 	if err := c.API.Create(context.Background(), svc); err != nil {
 		t.Fatalf("creating Service %s: %v", svc.Name, err)
+	}
+	if err := c.WaitProgrammed(context.Background(), svc, converge); err != nil {
+		t.Fatal(err)
 	}
 	return svc
 }

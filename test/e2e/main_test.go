@@ -67,7 +67,7 @@ func runMain(m *testing.M) int {
 	code := m.Run()
 	if code != 0 {
 		for _, n := range c.Nodes {
-			fmt.Fprintf(os.Stderr, "--- %s agent log (tail):\n%s\n", n.Name, n.Agent.LogTail(40))
+			fmt.Fprintf(os.Stderr, "--- %s agent log (errors and last line):\n%s\n", n.Name, n.Agent.LogErrors(20))
 		}
 	}
 	if err := c.Close(); err != nil {

@@ -135,13 +135,13 @@ func (a *Agent) WaitReady(ctx context.Context, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		if !a.Running() {
-			return fmt.Errorf("%s: the agent exited: %w; log %s:\n%s", a.Node.Name, a.err, a.LogPath, a.LogTail(30))
+			return fmt.Errorf("%s: the agent exited: %w; log %s:\n%s", a.Node.Name, a.err, a.LogPath, a.LogErrors(10))
 		}
 		if a.Probe("/readyz") == nil {
 			return nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			return fmt.Errorf("%s: the agent is not ready after %v; log %s:\n%s", a.Node.Name, timeout, a.LogPath, a.LogTail(30))
+			return fmt.Errorf("%s: the agent is not ready after %v; log %s:\n%s", a.Node.Name, timeout, a.LogPath, a.LogErrors(10))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -184,6 +184,23 @@ func (a *Agent) Stop() error {
 		a.Kill()
 		return fmt.Errorf("%s: the agent did not stop within 30s of SIGTERM", a.Node.Name)
 	}
+}
+
+// LogErrors is the first n error lines of the agent's log and its last
+// line: what explains a failure, without the stack traces.
+func (a *Agent) LogErrors(n int) string {
+	raw, err := os.ReadFile(a.LogPath)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(raw), "\n"), "\n")
+	var out []string
+	for _, l := range lines {
+		if len(out) < n && (strings.Contains(l, "\tERROR\t") || strings.HasPrefix(l, "E1") || strings.HasPrefix(l, "nftproxy:")) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(append(out, "…", lines[len(lines)-1]), "\n")
 }
 
 // LogTail is the last n lines of the agent's log, for error messages.

@@ -2,8 +2,10 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -216,11 +218,19 @@ func (a *Agent) LogTail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
+// freeLoopbackAddress finds a free port for an agent's listener, below the
+// ephemeral range (32768 and up): the kernel never hands those to outgoing
+// connections, so the port stays free until the agent binds it, whatever
+// connections are made meanwhile.
 func freeLoopbackAddress() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+	for range 100 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 20000+rand.IntN(12000))
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		_ = l.Close()
+		return addr, nil
 	}
-	defer func() { _ = l.Close() }()
-	return l.Addr().String(), nil
+	return "", errors.New("no free port on 127.0.0.1 in 20000-31999")
 }

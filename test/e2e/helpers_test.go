@@ -181,16 +181,27 @@ func reaches(t *testing.T, what string, a ask, want ...*cluster.Pod) map[string]
 // all land on want.
 func onlyReaches(t *testing.T, what string, a ask, n int, want ...*cluster.Pod) {
 	t.Helper()
+	if _, err := sample(a, n, want); err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+}
+
+// sample asks n times and counts the answers by server; it fails at the
+// first error or answer from a server not in want.
+func sample(a ask, n int, want []*cluster.Pod) (map[string]int, error) {
 	names := podNames(want)
+	seen := map[string]int{}
 	for range n {
 		r, err := a()
 		if err != nil {
-			t.Fatalf("%s: %v", what, err)
+			return seen, err
 		}
 		if !slices.Contains(names, r.Server) {
-			t.Fatalf("%s: answered by %s, want one of %v", what, r.Server, names)
+			return seen, fmt.Errorf("answered by %s, want one of %v", r.Server, names)
 		}
+		seen[r.Server]++
 	}
+	return seen, nil
 }
 
 // refused waits until asking is refused at once (a reject: TCP reset or

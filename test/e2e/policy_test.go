@@ -480,24 +480,16 @@ func policyAffinityService(name string, typ corev1.ServiceType, timeout int32) *
 // one of backends, and returns its name.
 func policySticky(t *testing.T, what string, a ask, backends []*cluster.Pod) string {
 	t.Helper()
-	names := podNames(backends)
 	var server string
 	eventually(t, what, func() error {
-		seen := map[string]bool{}
-		for range 20 {
-			r, err := a()
-			if err != nil {
-				return err
-			}
-			if !slices.Contains(names, r.Server) {
-				return fmt.Errorf("answered by %s, want one of %v", r.Server, names)
-			}
-			seen[r.Server] = true
-			server = r.Server
-		}
-		if len(seen) != 1 {
+		seen, err := sample(a, 20, backends)
+		switch {
+		case err != nil:
+			return err
+		case len(seen) != 1:
 			return fmt.Errorf("20 connections reached %v, want a single endpoint", keys(seen))
 		}
+		server = keys(seen)[0]
 		return nil
 	})
 	return server

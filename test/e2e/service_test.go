@@ -630,8 +630,15 @@ func svcCheckConntrack(t *testing.T, c *cluster.Cluster, pod *cluster.Pod, proto
 	if local.Addr().Is6() {
 		family, wantAddr = "ipv6", backend.IPv6
 	}
+	// Matched on both ends: the kernel reuses source ports, so an earlier
+	// flow from the same port to another Service may still be listed.
+	frontend, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		t.Fatalf("frontend %q: %v", addr, err)
+	}
 	out, err := pod.Node.NS.Run("conntrack", "-L", "-f", family, "-p", proto,
-		"--orig-src", local.Addr().String(), "--sport", strconv.Itoa(int(local.Port())))
+		"--orig-src", local.Addr().String(), "--sport", strconv.Itoa(int(local.Port())),
+		"--orig-dst", frontend.Addr().String(), "--dport", strconv.Itoa(int(frontend.Port())))
 	if err != nil {
 		t.Fatalf("conntrack on %s: %v: %s", pod.Node.Name, err, out)
 	}

@@ -66,10 +66,10 @@ import (
 //
 // Endpoint is the endpoint that went away: its address, and its port when
 // not zero (zero matches any port). Leave it zero when a Service that had
-// no endpoints gains some, to delete every UDP entry to Frontend: those
-// entries were made while the Service had no endpoints and were not
-// DNATed (were they DNATed, they would point at an endpoint and be
-// removed with it).
+// no endpoints gains some, to delete the UDP entries to Frontend that
+// were not DNATed: made while it had no endpoints (or no rules), they
+// would keep the client's datagrams away from the endpoints. Entries
+// DNATed since, to the new endpoints, are kept.
 //
 // Addresses may be IPv4-mapped IPv6 addresses; they are taken as IPv4.
 type Flow struct {

@@ -68,14 +68,18 @@ func (m matcher) families() []uint8 {
 	return []uint8{unix.AF_INET, unix.AF_INET6}
 }
 
-// matches reports whether the entry is one the flow selects.
+// matches reports whether the entry is one the flow selects. A flow
+// without an endpoint selects only entries that were not DNATed (answered
+// from the address they were sent to): a datagram sent since the
+// frontend got its endpoints made a DNATed entry that is right as it is.
 func (m matcher) matches(e entry) bool {
 	return e.proto == unix.IPPROTO_UDP &&
 		(m.family == 0 || m.family == e.family) &&
 		(!m.dst.IsValid() || m.dst == e.origDst) &&
 		m.port == e.origDstPort &&
 		(!m.ep.IsValid() || m.ep == e.replySrc) &&
-		(m.epPort == 0 || m.epPort == e.replySrcPort)
+		(m.epPort == 0 || m.epPort == e.replySrcPort) &&
+		(m.ep.IsValid() || e.replySrc == e.origDst && e.replySrcPort == e.origDstPort)
 }
 
 // entry is what Delete needs of a conntrack entry: the fields flows match

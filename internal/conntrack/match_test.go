@@ -48,6 +48,8 @@ func TestMatcher(t *testing.T) {
 		{"nodeport other port", Flow{port(30053), ap("10.1.0.11:5353")}, udp("192.168.0.2:40000", "192.168.0.1:30054", "10.1.0.11:5353"), false},
 		{"frontend only", Flow{Frontend: ap("10.96.0.10:53")}, udp("192.168.0.2:40000", "10.96.0.10:53", "10.96.0.10:53"), true},
 		{"frontend only other", Flow{Frontend: ap("10.96.0.10:53")}, udp("192.168.0.2:40000", "10.96.0.11:53", "10.96.0.11:53"), false},
+		{"frontend only keeps DNATed", Flow{Frontend: ap("10.96.0.10:53")}, udp("192.168.0.2:40000", "10.96.0.10:53", "10.1.0.11:5353"), false},
+		{"port only keeps DNATed", Flow{Frontend: port(30053)}, udp("192.168.0.2:40000", "192.168.0.1:30053", "10.1.0.11:5353"), false},
 		{"port only both families", Flow{Frontend: port(30053)}, udp("[fd00:1::2]:40000", "[fd00:1::1]:30053", "[fd00:1::1]:30053"), true},
 		{"unspecified v4 is v4 only", Flow{Frontend: ap("0.0.0.0:30053")}, udp("[fd00:1::2]:40000", "[fd00:1::1]:30053", "[fd00:1::1]:30053"), false},
 		{"v6", Flow{ap("[fd00:96::10]:53"), ap("[fd00:10::11]:5353")}, udp("[fd00:1::2]:40000", "[fd00:96::10]:53", "[fd00:10::11]:5353"), true},

@@ -167,7 +167,8 @@ func entryOf(t *testing.T, conn *ct.Conn, c *client) (ct.Flow, bool) {
 // while a client of a live endpoint keeps its entry (and so its
 // endpoint, though the rule now picks another). Then: a client that sent
 // while the Service had no endpoints is stuck on its un-NATed entry after
-// the Service gains one, until a frontend-only Delete.
+// the Service gains one, until a frontend-only Delete, which leaves the
+// DNATed entries of clients that came since alone.
 func TestDeleteRealTraffic(t *testing.T) {
 	for _, fam := range []struct {
 		name      string
@@ -232,9 +233,21 @@ func TestDeleteRealTraffic(t *testing.T) {
 			wantServer(t, early, "", "Service without endpoints")
 			nat.set(t, map[netip.AddrPort]netip.AddrPort{front: pod(2), front2: pod(1)})
 			wantServer(t, early, "", "Service gained an endpoint, but the un-NATed entry stays")
+			// A client that came after the endpoint is DNATed already:
+			// its entry is right and must survive the cleanup (which
+			// runs after the write, so such clients race it).
+			fresh := dialClient(t, tp.Client, front2)
+			wantServer(t, fresh, "pod1", "a client that came after the endpoint")
+			freshEntry, ok := entryOf(t, conn, fresh)
+			if !ok {
+				t.Fatalf("no conntrack entry for %s", fresh.addr())
+			}
 			n, err = cleaner.Delete(ctx, []Flow{{Frontend: front2}})
 			if err != nil || n != 1 {
 				t.Fatalf("frontend-only Delete = %d, %v; want 1, nil", n, err)
+			}
+			if e, ok := entryOf(t, conn, fresh); !ok || e.ID != freshEntry.ID {
+				t.Errorf("the DNATed entry of a client that came after the endpoint was deleted: %v, %v", e, ok)
 			}
 			wantServer(t, early, "pod1", "after the frontend-only Delete")
 			wantServer(t, live, "pod1", "other Services' clients untouched")

@@ -175,14 +175,23 @@ func (ns *NS) Sysctl(t testing.TB, key, value string) {
 	ns.sysctls(t, key, value)
 }
 
-// sysctls sets key/value pairs with a single process: the net sysctls
-// under /proc/sys belong to the namespace of the process opening them, so
-// they are written from a shell started inside the namespace. Keys and
-// values are passed as arguments, never spliced into the script.
+// sysctls is SetSysctls that fails the test.
 func (ns *NS) sysctls(t testing.TB, kv ...string) {
 	t.Helper()
+	if err := ns.SetSysctls(kv...); err != nil {
+		t.Fatalf("netnstest: %v", err)
+	}
+}
+
+// SetSysctls sets key/value pairs inside the namespace with a single
+// process, for code without a testing.TB: the net sysctls under /proc/sys
+// belong to the namespace of the process opening them, so they are
+// written from a shell started inside the namespace. Keys are dotted or
+// paths below /proc/sys, as for Sysctl; keys and values are passed as
+// arguments, never spliced into the script.
+func (ns *NS) SetSysctls(kv ...string) error {
 	if len(kv)%2 != 0 {
-		t.Fatalf("netnstest: sysctls wants key/value pairs, got %q", kv)
+		return fmt.Errorf("sysctls wants key/value pairs, got %q", kv)
 	}
 	args := []string{"sh", "-c", `while [ $# -gt 1 ]; do printf '%s\n' "$2" > "/proc/sys/$1" || exit 1; shift 2; done`, "sh"}
 	for i := 0; i < len(kv); i += 2 {
@@ -192,7 +201,8 @@ func (ns *NS) sysctls(t testing.TB, kv ...string) {
 		}
 		args = append(args, strings.TrimPrefix(key, "/proc/sys/"), kv[i+1])
 	}
-	ns.Exec(t, args...)
+	_, err := ns.Run(args...)
+	return err
 }
 
 // Do runs fn on an OS thread switched into the namespace, so that sockets

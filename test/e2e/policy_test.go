@@ -142,9 +142,8 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		onlyReaches(t, what+" (UDP)", askUDP(client.NS, udp), 20, n.Pods...)
 		reaches(t, n.Name+" itself to the ClusterIP", askTCP(n.NS, tcp), n.Pods...)
 	}
-	// Before node2 has the Service its packets would go to the gateway,
-	// which drops them too: make sure the drop is the policy's.
-	policyProgrammed(t, n2, svc.Spec.ClusterIP+" . tcp . 80")
+	// node2 has the Service (createService waited for every node), so
+	// the drop is the policy's, not the gateway's.
 	policyAllDropped(t, map[string]ask{
 		"pod on node2 to the ClusterIP (TCP), no local endpoint": askTCP(n2.Pods[0].NS, tcp),
 		"pod on node2 to the ClusterIP (UDP), no local endpoint": askUDP(n2.Pods[0].NS, udp),
@@ -524,22 +523,6 @@ func policyAffinityEntries(t *testing.T, n *cluster.Node, client netip.Addr, fro
 		}
 	}
 	return endpoints
-}
-
-// policyProgrammed waits until node's table holds needle (a map
-// element's text, as nft lists it).
-func policyProgrammed(t *testing.T, n *cluster.Node, needle string) {
-	t.Helper()
-	eventually(t, fmt.Sprintf("%s programs %q", n.Name, needle), func() error {
-		out, err := n.NS.Run("nft", "list", "table", "inet", "nftproxy")
-		if err != nil {
-			return fmt.Errorf("nft list table: %w: %s", err, out)
-		}
-		if !strings.Contains(out, needle) {
-			return errors.New("not in the table yet")
-		}
-		return nil
-	})
 }
 
 // policySetIngress writes the load balancer's ingress IPs into svc's

@@ -346,13 +346,13 @@ func (c *Cluster) buildNode(node *Node, attach func(*netnstest.NS, string, netip
 	// rate limited, and, as on a real node, with bridged pod traffic
 	// passing netfilter when the kernel has br_netfilter (loading it is
 	// not ours to do).
-	if err := sysctl(ns,
+	if err := ns.SetSysctls(
 		"net.ipv4.ip_forward", "1", "net.ipv6.conf.all.forwarding", "1",
 		"net.ipv4.icmp_ratelimit", "0", "net.ipv6.icmp.ratelimit", "0"); err != nil {
 		return err
 	}
 	if _, err := os.Stat("/proc/sys/net/bridge/bridge-nf-call-iptables"); err == nil {
-		if err := sysctl(ns, "net.bridge.bridge-nf-call-iptables", "1", "net.bridge.bridge-nf-call-ip6tables", "1"); err != nil {
+		if err := ns.SetSysctls("net.bridge.bridge-nf-call-iptables", "1", "net.bridge.bridge-nf-call-ip6tables", "1"); err != nil {
 			return err
 		}
 	}

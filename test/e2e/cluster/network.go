@@ -103,7 +103,7 @@ func (n *network) add(role string) (*netnstest.NS, error) {
 	if err := run("ip", "-n", ns.Name, "link", "set", "lo", "up"); err != nil {
 		return nil, err
 	}
-	return ns, sysctl(ns, "net.ipv6.conf.all.accept_dad", "0", "net.ipv6.conf.default.accept_dad", "0")
+	return ns, ns.SetSysctls("net.ipv6.conf.all.accept_dad", "0", "net.ipv6.conf.default.accept_dad", "0")
 }
 
 // link joins a and b with a veth pair named aIf in a and bIf in b, and
@@ -159,17 +159,6 @@ func route(ns *netnstest.NS, dst string, via netip.Addr) error {
 		family = "-6"
 	}
 	return run("ip", "-n", ns.Name, family, "route", "add", dst, "via", via.String())
-}
-
-// sysctl sets key/value pairs inside ns, from a shell started there (net
-// sysctls belong to the namespace of the process that opens them).
-func sysctl(ns *netnstest.NS, kv ...string) error {
-	args := []string{"ip", "netns", "exec", ns.Name, "sh", "-c",
-		`while [ $# -gt 1 ]; do printf '%s\n' "$2" > "/proc/sys/$1" || exit 1; shift 2; done`, "sh"}
-	for i := 0; i+1 < len(kv); i += 2 {
-		args = append(args, strings.ReplaceAll(kv[i], ".", "/"), kv[i+1])
-	}
-	return run(args...)
 }
 
 // run runs a command, bounded in time; the error carries its output.

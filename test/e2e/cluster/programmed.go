@@ -18,29 +18,29 @@ import (
 // the same source port, so that they bypass the proxy even once the rules
 // are there.
 func (c *Cluster) WaitProgrammed(ctx context.Context, svc *corev1.Service, timeout time.Duration) error {
-	var want []string
+	type member struct{ set, element string }
+	var want []member
 	for _, ip := range svc.Spec.ClusterIPs {
 		a, err := netip.ParseAddr(ip)
 		if err != nil {
 			continue
 		}
-		set := "cluster-ips4"
+		m := member{set: "cluster-ips4", element: fmt.Sprintf("%s comment %q", a, svc.Namespace+"/"+svc.Name)}
 		if a.Is6() {
-			set = "cluster-ips6"
+			m.set = "cluster-ips6"
 		}
-		want = append(want, set+" "+fmt.Sprintf("%s comment %q", a, svc.Namespace+"/"+svc.Name))
+		want = append(want, m)
 	}
 	deadline := time.Now().Add(timeout)
 	for _, n := range c.Nodes {
-		for _, w := range want {
-			set, element, _ := strings.Cut(w, " ")
+		for _, m := range want {
 			for {
-				out, err := n.NS.Run("nft", "list", "set", "inet", "nftproxy", set)
-				if err == nil && strings.Contains(out, element) {
+				out, err := n.NS.Run("nft", "list", "set", "inet", "nftproxy", m.set)
+				if err == nil && strings.Contains(out, m.element) {
 					break
 				}
 				if time.Now().After(deadline) || ctx.Err() != nil {
-					return fmt.Errorf("%s: Service %s/%s not programmed after %v (%s not in set %s)", n.Name, svc.Namespace, svc.Name, timeout, element, set)
+					return fmt.Errorf("%s: Service %s/%s not programmed after %v (%s not in set %s)", n.Name, svc.Namespace, svc.Name, timeout, m.element, m.set)
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
